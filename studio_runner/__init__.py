@@ -1,0 +1,3 @@
+"""studio-runner: a StudioML experiment runner built on trio."""
+
+__version__ = "0.1.0"

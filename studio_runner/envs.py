@@ -1,0 +1,705 @@
+"""Cached Python environments for experiments, built with uv.
+
+Building the experiment's virtualenv is the hot path of every run, so each environment is built once per
+(full interpreter version, normalised requirement list) and shared by every experiment that asks for it.
+
+Layout under ``root`` (one cache may be shared by several runner processes on one host):
+
+* ``<key>/``                            a complete relocatable venv; appears only by atomic rename
+* ``<key>/.studio-runner-size``         its size in bytes, measured once after the build
+* ``<key>/.studio-runner-last-used``    touched on every acquire and release; its mtime drives LRU eviction
+* ``<key>.lock``                        ``flock``: exclusive while building or evicting, shared while in use
+* ``.build-<key>-<random>/``            a build in progress (``venv/`` + ``requirements.txt``)
+* ``.evict-<key>-<random>/``            an entry being deleted
+
+Size accounting: every regular file counts its full apparent size once per environment (by inode), even
+when it is a hardlink into uv's cache or shared with another environment. That over-counts real disk use,
+which is the conservative direction for a disk bound.
+
+uv links installed files from its cache (``UV_CACHE_DIR`` when ``uv_cache_dir`` is given, else uv's own
+default): keep that cache on the same filesystem as ``root`` so installs are hardlinks, not copies. uv runs
+with ``UV_PYTHON_DOWNLOADS=never`` (it gets an explicit interpreter), ``NO_COLOR`` and ``UV_NO_PROGRESS``;
+other ``UV_*`` settings of the runner's environment (mirrors, ``UV_HTTP_RETRIES``) pass through.
+
+Callers do the request-specific rewriting before ``acquire``: ``${VAR}`` expansion from ``config.env`` and
+``tensorflow`` -> ``tensorflow_gpu`` when a GPU is allocated (spec lifecycle.md §5).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from studio_runner.errors import Disposition, EnvBuildFailed, InterpreterNotFound
+
+logger = logging.getLogger(__name__)
+
+SIZE_FILE = ".studio-runner-size"
+LAST_USED_FILE = ".studio-runner-last-used"
+KEY_LENGTH = 16
+STALE_BUILD_SECONDS = 3600.0
+ERROR_TAIL_LINES = 25
+
+_KEY_RE = re.compile(rf"^[0-9a-f]{{{KEY_LENGTH}}}$")
+_COMMENT_RE = re.compile(r"(^|\s+)#.*$")
+_PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*==\s*([^\s;,]+)$")
+_NAME_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)")
+_EDITABLE_VCS_RE = re.compile(r"^(-e|--editable)(\s+|=)\s*(?=(git|hg|svn|bzr)\+)")
+_URL_USERINFO_RE = re.compile(r"(?<=://)[^/\s@]+@")
+_TRANSIENT_RE = re.compile(
+    r"(?i)error sending request|connection (refused|reset)|timed out|name resolution|could not resolve host"
+    r"|dns error|network is unreachable|failed to fetch|no space left on device"
+)
+_VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)")
+_REQUEST_RE = re.compile(r"^\d+(\.\d+){0,2}$")
+_PROBE = "import platform; print(platform.python_version())"
+
+
+# --- requirements and keys ---------------------------------------------------------------------------------
+
+
+def canonical_name(name: str) -> str:
+    """PEP 503 normal form, so ``Foo_Bar``, ``foo-bar`` and ``foo.bar`` share one cache entry."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _clean(line: str) -> tuple[str | None, str, bool] | None:
+    """(canonical name or None, normalised line, is a ``name==ver`` pin); None for blanks and comments."""
+    line = _COMMENT_RE.sub("", line).strip()
+    if not line:
+        return None
+    pin = _PIN_RE.match(line)
+    if pin:
+        name, extras, version = canonical_name(pin[1]), pin[2], pin[3]
+        if extras:
+            names = sorted({canonical_name(e.strip()) for e in extras[1:-1].split(",") if e.strip()})
+            extras = f"[{','.join(names)}]" if names else ""
+        return name, f"{name}{extras or ''}=={version}", True
+    named = _NAME_RE.match(line)
+    return (canonical_name(named[1]) if named else None), line, False
+
+
+def normalise_requirements(pythonenv: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """The sorted, de-duplicated package list that defines an environment.
+
+    Drops blanks, comments and ``pkg-resources*`` (spec lifecycle.md §5); ``name==ver`` names are PEP 503
+    normalised, other lines kept verbatim. A ``name==ver`` pin in ``extra`` (``config.pip``) replaces a pin of
+    the same package in ``pythonenv``, as Go's separate later ``pip install`` step did.
+    """
+    base = [c for c in map(_clean, pythonenv) if c is not None]
+    add = [c for c in map(_clean, extra) if c is not None]
+    overridden = {name for name, _, is_pin in add if is_pin}
+    lines = {line for name, line, is_pin in base if not (is_pin and name in overridden)}
+    lines.update(line for _, line, _ in add)
+    return sorted(line for line in lines if not _is_pkg_resources(line))
+
+
+def _is_pkg_resources(line: str) -> bool:
+    named = _NAME_RE.match(line)
+    return named is not None and canonical_name(named[1]).startswith("pkg-resources")
+
+
+def env_key(python_version_full: str, requirements: Sequence[str]) -> str:
+    """Short sha256 naming the cache entry; the list is (re)normalised so raw and normalised lists agree."""
+    digest = hashlib.sha256(b"studio-runner-env-v1\0" + python_version_full.encode() + b"\0")
+    for line in normalise_requirements(requirements, []):
+        digest.update(line.encode() + b"\n")
+    return digest.hexdigest()[:KEY_LENGTH]
+
+
+def mask_url_credentials(text: str) -> str:
+    """``scheme://user:token@host`` -> ``scheme://****@host``: installer errors may quote requirement URLs."""
+    return _URL_USERINFO_RE.sub("****@", text)
+
+
+# --- interpreters ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """The base interpreter for an environment; ``note`` explains a fallback (for the output log/metadata)."""
+
+    path: Path
+    version: str
+    matched: bool = True
+    note: str = ""
+
+
+_discovery_lock = threading.Lock()
+_discovered: dict[tuple[object, ...], Interpreter | None] = {}
+_probed: dict[str, str | None] = {}
+
+
+def default_interpreter() -> Interpreter:
+    """The interpreter the runner itself runs on (its base, never the runner's own venv)."""
+    base = Path(sys.base_prefix) / "bin"
+    for name in (f"python{sys.version_info[0]}.{sys.version_info[1]}", "python3", "python"):
+        if (base / name).is_file():
+            return Interpreter(base / name, platform.python_version())
+    return Interpreter(Path(sys.executable).resolve(), platform.python_version())
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    found = _VERSION_RE.match(version)
+    return tuple(int(p) for p in found.groups()) if found else ()
+
+
+def _matches(version: str, wanted: tuple[int, ...]) -> bool:
+    have = _version_tuple(version)
+    return bool(have) and have[: len(wanted)] == wanted
+
+
+def _probe(path: Path) -> str | None:
+    """The full version of the interpreter at ``path`` (one subprocess, remembered), None if unusable."""
+    key = str(path)
+    if key not in _probed:
+        try:
+            done = subprocess.run(
+                [key, "-c", _PROBE], capture_output=True, text=True, timeout=20, check=False
+            )
+            _probed[key] = done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+        except (OSError, subprocess.SubprocessError):
+            _probed[key] = None
+    return _probed[key]
+
+
+def _pyenv_root() -> Path:
+    return Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
+
+
+def _executable_in(directory: Path) -> Path | None:
+    for sub in ("bin/python3", "bin/python", "python3", "python"):
+        if (directory / sub).is_file():
+            return directory / sub
+    return None
+
+
+def _local_candidates(search_paths: Sequence[Path]) -> list[Path]:
+    """Configured paths (an interpreter, a prefix, a bin dir, or a dir of prefixes) then pyenv's versions.
+
+    uv only sees pyenv's *global* version (the other shims fail), so pyenv's versions are listed directly;
+    pyenv-virtualenv environments (symlinks, or dirs with pyvenv.cfg) are skipped.
+    """
+    found: list[Path] = []
+    for entry in map(Path, search_paths):
+        if entry.is_file():
+            found.append(entry)
+        elif entry.is_dir():
+            direct = _executable_in(entry)
+            if direct:
+                found.append(direct)
+            else:
+                found.extend(p for p in map(_executable_in, sorted(entry.iterdir())) if p)
+    versions = _pyenv_root() / "versions"
+    if versions.is_dir():
+        for prefix in sorted(versions.iterdir()):
+            if prefix.is_symlink() or (prefix / "pyvenv.cfg").exists():
+                continue
+            exe = _executable_in(prefix)
+            if exe:
+                found.append(exe)
+    return found
+
+
+def _uv_env(allow_downloads: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX")}
+    env.update(
+        NO_COLOR="1", UV_NO_PROGRESS="1", UV_PYTHON_DOWNLOADS="automatic" if allow_downloads else "never"
+    )
+    return env
+
+
+def _uv_find(uv: str, request: str, allow_downloads: bool) -> Path | None:
+    """What uv finds (managed interpreters, PATH, pyenv's global version); installs one if allowed."""
+    find = [uv, "python", "find", "--system", "--no-project", request]
+    env = _uv_env(allow_downloads)
+    try:
+        done = subprocess.run(find, capture_output=True, text=True, env=env, timeout=60, check=False)
+        if done.returncode != 0 and allow_downloads:
+            subprocess.run(
+                [uv, "python", "install", request], capture_output=True, env=env, timeout=600, check=False
+            )
+            done = subprocess.run(find, capture_output=True, text=True, env=env, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    path = done.stdout.strip()
+    return Path(path) if done.returncode == 0 and path else None
+
+
+def _discover(
+    request: str, search_paths: Sequence[Path], allow_downloads: bool, uv: str | None
+) -> Interpreter | None:
+    if not _REQUEST_RE.match(request) and request:
+        return None
+    wanted = tuple(int(p) for p in request.split(".")) if request else ()
+    default = default_interpreter()
+    if len(wanted) < 2 and _matches(default.version, wanted):
+        return default
+    candidates = [(default.path, default.version)]
+    candidates += [(p, v) for p in _local_candidates(search_paths) if (v := _probe(p))]
+    matching = [(p, v) for p, v in candidates if _matches(v, wanted)]
+    if uv and (not matching or len(wanted) < 3):
+        found = _uv_find(uv, request, allow_downloads and not matching)
+        version = _probe(found) if found else None
+        if found and version and _matches(version, wanted):
+            matching.append((found, version))
+    if not matching:
+        return None
+    path, version = max(matching, key=lambda pv: _version_tuple(pv[1]))
+    return Interpreter(path, version)
+
+
+def resolve_uv(uv_bin: str | None = None) -> str | None:
+    """The uv executable: ``uv_bin`` when given (None if it does not exist), else the bundled or PATH uv."""
+    if uv_bin:
+        return uv_bin if Path(uv_bin).is_file() else shutil.which(uv_bin)
+    try:
+        from uv import find_uv_bin
+
+        return find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        return shutil.which("uv")
+
+
+def find_interpreter(
+    pythonver: str,
+    search_paths: Sequence[Path] = (),
+    allow_downloads: bool = False,
+    strict: bool = False,
+    *,
+    uv_bin: str | None = None,
+) -> Interpreter:
+    """Pick the newest installed interpreter whose version starts with ``pythonver`` (by component).
+
+    ``""`` and a bare major matching the runner's own interpreter give that interpreter. Blocking (it runs
+    probes and ``uv python find`` once per ``pythonver``; later calls are a dict lookup). Without a match:
+    ``InterpreterNotFound`` when ``strict``, else the runner's default with ``matched=False`` and a ``note``.
+    """
+    request = pythonver.strip()
+    cache_key = (request, tuple(str(p) for p in search_paths), allow_downloads, str(_pyenv_root()))
+    with _discovery_lock:
+        if cache_key not in _discovered:
+            _discovered[cache_key] = _discover(request, search_paths, allow_downloads, resolve_uv(uv_bin))
+        found = _discovered[cache_key]
+    if found is not None:
+        return found
+    reason = f"requested python {request}, none found"
+    if strict:
+        where = ", ".join(["uv", str(_pyenv_root() / "versions"), *map(str, search_paths)])
+        raise InterpreterNotFound(f"{reason} (searched {where}) and strict python selection is on")
+    default = default_interpreter()
+    return Interpreter(
+        default.path, default.version, matched=False, note=f"{reason}; using {default.version}"
+    )
+
+
+# --- locks and files ---------------------------------------------------------------------------------------
+
+
+def _same_inode(fd: int, path: Path) -> bool:
+    """A lock on an unlinked lock file protects nothing: check the fd still is the file at ``path``."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+async def _poll_flock(fd: int, mode: int) -> None:
+    """Take ``mode`` on ``fd`` without blocking the event loop; cancellable."""
+    delay = 0.005
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+
+async def _open_locked(path: Path, mode: int) -> int:
+    """An fd on ``path`` holding ``mode``, retried until the locked file is still the one at ``path``."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            await _poll_flock(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_inode(fd, path):
+            return fd
+        os.close(fd)
+
+
+def _measure(path: Path) -> int:
+    """Apparent bytes of the regular files under ``path``, each inode once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def _touch(path: Path) -> None:
+    try:
+        path.touch()
+    except OSError:
+        pass
+
+
+def _rewrite_prefix(bin_dir: Path, old: str, new: str) -> None:
+    """Point a plain ``python -m venv``'s scripts (shebangs, activate) at the path it is renamed to."""
+    for item in bin_dir.iterdir():
+        if item.is_file() and not item.is_symlink():
+            data = item.read_bytes()
+            if old.encode() in data:
+                item.write_bytes(data.replace(old.encode(), new.encode()))
+
+
+# --- the cache ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PythonEnv:
+    """A ready environment; valid (never evicted or rebuilt) while its ``acquire`` context is open."""
+
+    path: Path
+    python: Path
+    key: str
+    cache_hit: bool
+    interpreter: Interpreter
+    build_seconds: float
+
+
+class EnvCache:
+    """Environments under ``root``, bounded to ``max_bytes`` (0: unbounded) by LRU eviction of unused ones."""
+
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int,
+        uv_bin: str | None = None,
+        uv_cache_dir: Path | None = None,
+        allow_downloads: bool = False,
+        search_paths: Sequence[Path] = (),
+        strict_python: bool = False,
+        index_url: str | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.uv_bin = uv_bin
+        self.uv_cache_dir = uv_cache_dir
+        self.allow_downloads = allow_downloads
+        self.search_paths = list(search_paths)
+        self.strict_python = strict_python
+        self.index_url = index_url
+        self.builds = self.hits = self.evictions = 0
+        self._interpreters: dict[str, Interpreter] = {}
+        self._key_locks: dict[str, trio.Lock] = {}
+        self._evict_lock = threading.Lock()
+        self._started = False
+
+    async def start(self) -> None:
+        """Adopt existing entries, clear dead builds: call at runner start-up (acquire does on first use)."""
+        if not self._started:
+            await trio.to_thread.run_sync(self._startup)
+            self._started = True
+
+    @asynccontextmanager
+    async def acquire(
+        self, pythonver: str, pythonenv: Sequence[str], extra: Sequence[str], log: Callable[[str], None]
+    ) -> AsyncIterator[PythonEnv]:
+        """The environment for this request, built if needed; held "in use" (shared flock) while open."""
+        await self.start()
+        interpreter = await self._interpreter(pythonver)
+        requirements = normalise_requirements(pythonenv, extra)
+        key = env_key(interpreter.version, requirements)
+        env_dir, lock_path = self.root / key, self.root / f"{key}.lock"
+        built, seconds = False, 0.0
+        fd = -1
+        async with self._key_locks.setdefault(key, trio.Lock()):
+            try:
+                fd = await _open_locked(lock_path, fcntl.LOCK_SH)
+                while not (env_dir / SIZE_FILE).is_file():  # missing: build it under the exclusive lock
+                    os.close(fd)
+                    fd = -1
+                    fd = await _open_locked(lock_path, fcntl.LOCK_EX)
+                    if not (env_dir / SIZE_FILE).is_file():  # nobody built it while we waited
+                        seconds = await self._build(key, interpreter, requirements, log, lock_path)
+                        built = True
+                    await _poll_flock(fd, fcntl.LOCK_SH)  # downgrade: not atomic, so check the file again
+                    if not _same_inode(fd, lock_path):
+                        os.close(fd)
+                        fd = -1
+                        fd = await _open_locked(lock_path, fcntl.LOCK_SH)
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                raise
+        try:
+            _touch(env_dir / LAST_USED_FILE)
+            if built:
+                self.builds += 1
+                try:
+                    await trio.to_thread.run_sync(self._evict, key)
+                except OSError as exc:  # a full cache must not fail the experiment that just got its env
+                    logger.warning("python environment eviction failed: %s", exc)
+            else:
+                self.hits += 1
+            yield PythonEnv(env_dir, env_dir / "bin" / "python", key, not built, interpreter, seconds)
+        finally:
+            _touch(env_dir / LAST_USED_FILE)
+            os.close(fd)
+
+    async def _interpreter(self, pythonver: str) -> Interpreter:
+        found = self._interpreters.get(pythonver)
+        if found is None:
+            found = await trio.to_thread.run_sync(
+                lambda: find_interpreter(
+                    pythonver, self.search_paths, self.allow_downloads, self.strict_python, uv_bin=self.uv_bin
+                )
+            )
+            self._interpreters[pythonver] = found
+        return found
+
+    def _uv_env(self) -> dict[str, str]:
+        env = _uv_env(allow_downloads=False)
+        if self.uv_cache_dir is not None:
+            env["UV_CACHE_DIR"] = str(self.uv_cache_dir)
+        return env
+
+    async def _build(
+        self,
+        key: str,
+        interp: Interpreter,
+        requirements: list[str],
+        log: Callable[[str], None],
+        lock_path: Path,
+    ) -> float:
+        """Build in a temp dir inside ``root``, rename it into place; called holding the exclusive lock."""
+        started = time.monotonic()
+        build_dir = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=self.root))
+        venv, final = build_dir / "venv", self.root / key
+        try:
+            reqfile = build_dir / "requirements.txt"
+            reqfile.write_text("".join(f"{line}\n" for line in requirements))
+            uv = resolve_uv(self.uv_bin)
+            log(f"studio-runner: building python environment {key}, python {interp.version} ({interp.path})")
+            if uv:
+                await self._build_uv(uv, interp, venv, reqfile, bool(requirements), log)
+            else:
+                log("studio-runner: uv not available, building with python -m venv and pip")
+                await self._build_pip(interp, venv, reqfile, bool(requirements), log)
+                await trio.to_thread.run_sync(_rewrite_prefix, venv / "bin", str(venv), str(final))
+            reqfile.unlink()
+            size = await trio.to_thread.run_sync(_measure, venv)
+            (venv / LAST_USED_FILE).touch()
+            (venv / SIZE_FILE).write_text(str(size))
+            if final.exists():  # a foreign or incomplete directory: never merge into it, delete it below
+                os.rename(final, build_dir / "replaced")
+            os.rename(venv, final)
+        except BaseException:
+            _unlink_quietly(lock_path)  # we hold it exclusively; waiters notice the new inode
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(shutil.rmtree, build_dir, True)
+        seconds = time.monotonic() - started
+        log(f"studio-runner: built python environment {key} in {seconds:.1f}s ({size} bytes)")
+        return seconds
+
+    async def _build_uv(
+        self,
+        uv: str,
+        interp: Interpreter,
+        venv: Path,
+        reqfile: Path,
+        install: bool,
+        log: Callable[[str], None],
+    ) -> None:
+        env, cwd = self._uv_env(), venv.parent
+        index = ["--index-url", self.index_url] if self.index_url else []
+        venv_cmd = [uv, "venv", "--relocatable", "--seed", "--no-project", "--python", str(interp.path)]
+        await _run_logged([*venv_cmd, *index, str(venv)], env, cwd, log, "uv venv")
+        if install:
+            lines = reqfile.read_text().splitlines()  # uv cannot install VCS checkouts as editables
+            reqfile.write_text("".join(_EDITABLE_VCS_RE.sub("", line) + "\n" for line in lines))
+            cmd = [uv, "pip", "install", "--compile-bytecode", "--python", str(venv / "bin" / "python")]
+            await _run_logged([*cmd, *index, "-r", str(reqfile)], env, cwd, log, "uv pip install")
+
+    async def _build_pip(
+        self, interp: Interpreter, venv: Path, reqfile: Path, install: bool, log: Callable[[str], None]
+    ) -> None:
+        env, cwd = self._uv_env(), venv.parent
+        await _run_logged([str(interp.path), "-m", "venv", str(venv)], env, cwd, log, "python -m venv")
+        if install:
+            cmd = [
+                str(venv / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-input",
+                "-r",
+                str(reqfile),
+            ]
+            await _run_logged(
+                cmd + (["--index-url", self.index_url] if self.index_url else []),
+                env,
+                cwd,
+                log,
+                "pip install",
+            )
+
+    def _startup(self) -> None:
+        """Adopt existing entries, clear dead builds and deletions, then enforce the bound."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for item in self.root.iterdir():
+            try:
+                if item.name.startswith(".evict-"):
+                    _rmtree(item)
+                elif (
+                    item.name.startswith(".build-")
+                    and time.time() - item.stat().st_mtime > STALE_BUILD_SECONDS
+                ):
+                    # a builder still working in it holds its key's lock; no lock file, no builder
+                    self._with_exclusive(item.name.split("-")[1], partial(_rmtree, item), create=False)
+                elif _KEY_RE.match(item.name) and item.is_dir() and not (item / SIZE_FILE).is_file():
+                    (item / SIZE_FILE).write_text(str(_measure(item)))
+            except OSError as exc:  # another runner got there first
+                logger.warning("python environment cache start-up: skipped %s: %s", item.name, exc)
+        self._evict(keep=None)
+
+    def _with_exclusive(self, key: str, action: Callable[[], bool], create: bool = True) -> bool:
+        """``action()`` run holding ``key``'s lock exclusively if nobody holds it now; False if busy."""
+        lock_path = self.root / f"{key}.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            return action()
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if not _same_inode(fd, lock_path):
+                return False
+            return action()
+        finally:
+            os.close(fd)
+
+    def _evict(self, keep: str | None) -> None:
+        """Delete least recently used entries nobody uses until the total fits ``max_bytes``."""
+        if self.max_bytes <= 0:
+            return
+        with self._evict_lock:
+            entries = []
+            for item in self.root.iterdir():
+                if _KEY_RE.match(item.name) and (item / SIZE_FILE).is_file():
+                    try:
+                        size = int((item / SIZE_FILE).read_text())
+                        used = (item / LAST_USED_FILE).stat().st_mtime
+                    except (OSError, ValueError):
+                        size, used = _measure(item), 0.0
+                    entries.append((used, item.name, size))
+            total = sum(size for _, _, size in entries)
+            for _, key, size in sorted(entries):
+                if total <= self.max_bytes:
+                    break
+                if key != keep and self._with_exclusive(key, partial(self._remove, key)):
+                    total -= size
+                    self.evictions += 1
+                    logger.info("evicted python environment %s (%d bytes)", key, size)
+            if total > self.max_bytes:
+                logger.warning(
+                    "python environments use %d bytes, over the %d bound: the rest are in use",
+                    total,
+                    self.max_bytes,
+                )
+
+    def _remove(self, key: str) -> bool:
+        """Called holding the exclusive lock: hide the entry atomically, drop its lock file, then delete."""
+        trash = self.root / f".evict-{key}-{secrets.token_hex(4)}"
+        try:
+            os.rename(self.root / key, trash)
+        except FileNotFoundError:  # another runner evicted it first
+            return False
+        _unlink_quietly(self.root / f"{key}.lock")
+        return _rmtree(trash)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _rmtree(path: Path) -> bool:
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+async def _run_logged(
+    cmd: list[str], env: dict[str, str], cwd: Path, log: Callable[[str], None], what: str
+) -> None:
+    """Run an installer step, sending each output line to ``log``; EnvBuildFailed with the output's tail."""
+    tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
+
+    def emit(raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        tail.append(line)
+        log(line)
+
+    try:
+        proc = await trio.lowlevel.open_process(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd
+        )
+    except OSError as exc:
+        raise EnvBuildFailed(f"{what} could not start: {exc}") from exc
+    try:
+        assert proc.stdout is not None
+        pending = b""
+        async for chunk in proc.stdout:
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                emit(line)
+        if pending:
+            emit(pending)
+        status = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+            if proc.stdout is not None:
+                await proc.stdout.aclose()
+    if status != 0:
+        output = mask_url_credentials("\n".join(tail))
+        error = EnvBuildFailed(f"{what} failed with exit status {status}:\n{output}")
+        if _TRANSIENT_RE.search(output):
+            error.disposition = Disposition.RETRY  # network or disk trouble, not the request's fault
+        raise error

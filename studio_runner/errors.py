@@ -1,0 +1,79 @@
+"""The runner's own exception tree.
+
+Every error says what should happen to the message that caused it, so the supervisor never has to guess:
+
+* ``FAIL``      the experiment itself failed (bad archive, failed install, missing input): save its output,
+                report it, acknowledge the message. Retrying would fail the same way.
+* ``RETRY``     the runner could not do its job this time (storage down, disk full, shutdown): hand the
+                message back for another attempt, up to ``--max-attempts``.
+* ``SET_ASIDE`` the message can never run (malformed, expired, undecryptable): report it, quarantine it,
+                acknowledge it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Disposition(enum.Enum):
+    FAIL = "fail"
+    RETRY = "retry"
+    SET_ASIDE = "set_aside"
+
+
+class RunnerError(Exception):
+    """Base of every error the runner raises on purpose."""
+
+    disposition: Disposition = Disposition.RETRY
+
+
+class ConfigError(RunnerError):
+    """An option or configuration file is wrong; raised at start-up, names the option."""
+
+
+class RequestInvalid(RunnerError):
+    """A message that does not parse or validate as a StudioML request. Never runnable."""
+
+    disposition = Disposition.SET_ASIDE
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class RequestExpired(RunnerError):
+    """The request's ``experimentLifetime`` ended before it could start."""
+
+    disposition = Disposition.SET_ASIDE
+
+
+class StorageError(RunnerError):
+    """Storage could not be reached or refused us: a runner-side fault, worth another attempt."""
+
+    disposition = Disposition.RETRY
+
+
+class ObjectNotFound(StorageError):
+    """The object does not exist. Fatal for immutable inputs, normal for mutable outputs."""
+
+
+class ArtifactError(RunnerError):
+    """An artifact could not be fetched or put in place (missing input, over budget)."""
+
+    disposition = Disposition.RETRY
+
+
+class ArchiveUnsafe(ArtifactError):
+    """An archive tried to escape its directory, held a device, or broke the size budget."""
+
+    disposition = Disposition.FAIL
+
+
+class EnvBuildFailed(RunnerError):
+    """uv/pip could not build the requested Python environment; the installer's error is in the output."""
+
+    disposition = Disposition.FAIL
+
+
+class InterpreterNotFound(EnvBuildFailed):
+    """No interpreter matches ``pythonver`` and ``--strict-python`` is set."""

@@ -1,0 +1,81 @@
+"""Small policies the executor and supervisor consult instead of scattering conditions through the code.
+
+Each answers one question: is this request still worth running, when must it stop, how often are its
+artifacts saved, and what happens to its message after an outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from studio_runner.errors import Disposition, RequestExpired
+from studio_runner.request import Request
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """``time_added + experimentLifetime``: after it the request is stale and is set aside, not run."""
+
+    def ends_at(self, request: Request) -> float | None:
+        added = request.experiment.time_added
+        lifetime = request.config.experiment_lifetime
+        if added is None or added <= 10 or lifetime is None or lifetime <= 0:
+            return None
+        return added + lifetime
+
+    def check(self, request: Request, now: float | None = None) -> None:
+        """Raise RequestExpired when the lifetime is already over (spec lifecycle.md §7)."""
+        end = self.ends_at(request)
+        now = time.time() if now is None else now
+        if end is not None and now >= end:
+            late = now - end
+            raise RequestExpired(f"experimentLifetime ended {late:.0f}s before the runner could start it")
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the running process must be stopped: min(cap, lifetime end, start + max_duration).
+
+    The environment build happens before the process starts, so it counts against the lifetime but not
+    against ``max_duration`` (spec lifecycle.md §5, Recommended).
+    """
+
+    cap_seconds: float
+    lifetime: Lifetime = Lifetime()
+
+    def at(self, request: Request, process_start: float) -> tuple[float, str]:
+        """Absolute deadline (time.time() clock) and the name of the limit that sets it."""
+        candidates = [(process_start + self.cap_seconds, "the runner's --max-lifetime")]
+        end = self.lifetime.ends_at(request)
+        if end is not None:
+            candidates.append((end, "experimentLifetime"))
+        if request.experiment.max_duration is not None:
+            candidates.append((process_start + request.experiment.max_duration, "max_duration"))
+        return min(candidates)
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Interval for uploading mutable artifacts while the experiment runs (saveWorkspaceFrequency)."""
+
+    floor_seconds: float
+    default_seconds: float
+
+    def interval(self, request: Request) -> float:
+        asked = request.config.save_workspace_frequency
+        if asked is None or asked <= 0:
+            return self.default_seconds
+        return max(asked, self.floor_seconds)
+
+
+@dataclass(frozen=True)
+class Retries:
+    """What happens to a message after a runner-side fault: another attempt, or set aside after the last."""
+
+    max_attempts: int
+
+    def after(self, disposition: Disposition, attempt: int) -> Disposition:
+        if disposition is Disposition.RETRY and attempt >= self.max_attempts:
+            return Disposition.SET_ASIDE
+        return disposition

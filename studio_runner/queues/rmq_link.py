@@ -1,0 +1,429 @@
+"""The IO thread of the RabbitMQ backend: one pika connection, owned by one thread.
+
+pika's BlockingConnection is not thread-safe, so everything AMQP happens here: trio code queues a
+:class:`Call` (woken with ``add_callback_threadsafe``) and is answered through ``TrioToken.run_sync_soon``.
+The thread runs ``process_data_events`` in a short loop, so a channel the broker closes under a held
+delivery (consumer timeout) or a dropped connection is noticed within a tick, and it reconnects with
+bounded, jittered exponential backoff. See :mod:`studio_runner.queues.rabbitmq` for the protocol choices.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import pika
+import pika.exceptions as pex
+import trio
+
+log = logging.getLogger(__name__)
+
+ATTEMPT_HEADER = "x-studio-runner-attempt"
+REASON_HEADER = "x-studio-runner-reason"
+QUEUE_HEADER = "x-studio-runner-queue"
+SET_ASIDE_QUEUE = "studio-runner.set-aside"
+_TICK = 0.25
+_BACKOFF_FIRST = 0.5
+_BACKOFF_MAX = 30.0
+LATER = object()
+
+
+def attempt_of(headers: Mapping[str, Any] | None, redelivered: bool) -> int:
+    """Attempt number of a delivery: our re-publish counter plus one if the broker redelivered it."""
+    headers = headers or {}
+    base = headers.get(ATTEMPT_HEADER, 1)
+    base = base if isinstance(base, int) and not isinstance(base, bool) and base >= 1 else 1
+    quorum_count = headers.get("x-delivery-count")
+    if isinstance(quorum_count, int) and not isinstance(quorum_count, bool) and quorum_count > 0:
+        return base + quorum_count
+    return base + (1 if redelivered else 0)
+
+
+def _close_quietly(channel: Any) -> None:
+    try:
+        if channel.is_open:
+            channel.close()
+    except pex.AMQPChannelError:
+        pass
+
+
+class Call:
+    """One request from trio to the IO thread, finished exactly once from the IO thread."""
+
+    def __init__(self, fn: Callable[[Call], Any], token: trio.lowlevel.TrioToken | None, default: Any,
+                 release: Callable[[Any], None] | None = None) -> None:
+        self.fn = fn
+        self.token = token
+        self.default = default
+        self.release = release
+        self.event = trio.Event()
+        self.value: Any = default
+        self.done = False
+        self.abandoned = False
+        self._lock = threading.Lock()
+
+    def finish(self, value: Any) -> None:
+        """Hand ``value`` to the waiting trio task; if nobody waits any more, release it here (IO thread)."""
+        with self._lock:
+            if self.done:
+                return
+            self.done = True
+            self.value = value
+            abandoned = self.abandoned
+        if not abandoned and self.token is not None:
+            try:
+                self.token.run_sync_soon(self.event.set)
+                return
+            except trio.RunFinishedError:
+                pass
+        if self.release is not None and value is not None and value is not self.default:
+            self.release(value)
+
+    def abandon(self) -> Any:
+        """The trio waiter was cancelled: returns a value that was already delivered and must be released."""
+        with self._lock:
+            self.abandoned = True
+            return self.value if self.done else None
+
+
+class Held:
+    """IO-thread record of one unacknowledged delivery and the channel that holds it."""
+
+    def __init__(self, channel: Any, method: Any, properties: Any, body: bytes, queue: str,
+                 token: trio.lowlevel.TrioToken, close_reason: list[str]) -> None:
+        self.channel = channel
+        self.tag = method.delivery_tag
+        self.exchange = method.exchange
+        self.routing_key = method.routing_key
+        self.properties = properties
+        self.body = body
+        self.queue = queue
+        self.token = token
+        self.close_reason = close_reason
+        self.redelivered = bool(method.redelivered)
+        self.attempt = attempt_of(properties.headers, self.redelivered)
+        self.lost = False
+        self.settled = False
+        self.delivery: Any = None
+
+
+class _Pending:
+    """A consumer waiting (IO thread) for the one message a receive() asked for."""
+
+    def __init__(self, call: Call, channel: Any, queue: str, token: trio.lowlevel.TrioToken,
+                 deadline: float, close_reason: list[str]) -> None:
+        self.call, self.channel, self.queue, self.token = call, channel, queue, token
+        self.deadline, self.close_reason = deadline, close_reason
+        self.tag: str | None = None
+        self.message: tuple[Any, Any, bytes] | None = None
+
+
+def _watch_close(channel: Any) -> list[str]:
+    """Record why the broker closed ``channel`` (pika's BlockingChannel has no public close callback)."""
+    reason: list[str] = []
+    impl = getattr(channel, "_impl", None)
+    if impl is not None and hasattr(impl, "add_on_close_callback"):
+        impl.add_on_close_callback(lambda _ch, exc: reason.append(str(exc)))
+    return reason
+
+
+class Link(threading.Thread):
+    """The IO thread: owns the AMQP connection, reconnects after losing it, serves calls from trio."""
+
+    def __init__(self, params: pika.URLParameters, display_url: str, receive_wait: float,
+                 set_aside_queue: str, delivery_factory: Callable[[Held], Any]) -> None:
+        super().__init__(name="studio-runner-amqp", daemon=True)
+        self._params = params
+        self._display = display_url
+        self._receive_wait = receive_wait
+        self._set_aside_queue = set_aside_queue
+        self._delivery_factory = delivery_factory
+        self._lock = threading.Lock()
+        self._calls: collections.deque[Call] = collections.deque()
+        self._stopping = threading.Event()
+        self.first_attempt = threading.Event()
+        self.connected = False
+        self._conn: Any = None
+        self._pub: Any = None
+        self._aside_declared = False
+        self._pending: list[_Pending] = []
+        self._held: set[Held] = set()
+
+    # --- called from other threads -------------------------------------------------------------
+    def submit(self, call: Call) -> bool:
+        """Queue ``call`` for the IO thread; False (nothing queued) while disconnected or stopping."""
+        with self._lock:
+            if not self.connected or self._stopping.is_set():
+                return False
+            self._calls.append(call)
+            conn = self._conn
+        self._wake(conn)
+        return True
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake(self._conn)
+
+    @staticmethod
+    def _wake(conn: Any) -> None:
+        if conn is not None:
+            try:
+                conn.add_callback_threadsafe(lambda: None)
+            except Exception:  # closed meanwhile: the loop notices on its own
+                pass
+
+    # --- IO thread -----------------------------------------------------------------------------
+    def run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                conn = pika.BlockingConnection(self._params)
+            except Exception as exc:
+                failures += 1
+                self.first_attempt.set()
+                delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+                log.warning("cannot connect to RabbitMQ at %s (%s: %s); retrying in %.1f s",
+                            self._display, type(exc).__name__, exc, delay)
+                self._stopping.wait(delay)
+                continue
+            if failures:
+                log.info("connected to RabbitMQ at %s again", self._display)
+            failures = 0
+            why = "runner shutting down: closing the connection hands the message back to the broker"
+            with self._lock:
+                self._conn, self.connected = conn, True
+                self._pub, self._aside_declared = None, False
+            self.first_attempt.set()
+            try:
+                self._serve(conn)
+            except Exception as exc:
+                why = f"connection to the broker lost ({type(exc).__name__}: {exc})"
+                log.warning("lost the RabbitMQ connection to %s (%s: %s); reconnecting",
+                            self._display, type(exc).__name__, exc,
+                            exc_info=not isinstance(exc, (pex.AMQPError, OSError)))
+                failures = 1
+            finally:
+                self._disconnect(conn, why)
+            if failures and not self._stopping.is_set():
+                self._stopping.wait(_BACKOFF_FIRST * random.uniform(0.5, 1.0))
+        self.first_attempt.set()
+
+    def _disconnect(self, conn: Any, why: str) -> None:
+        with self._lock:
+            self.connected, self._conn = False, None
+            calls = list(self._calls)
+            self._calls.clear()
+        for call in calls:
+            call.finish(call.default)
+        for pending in self._pending:
+            pending.call.finish(None)
+        self._pending.clear()
+        for held in list(self._held):
+            self._lose(held, why)
+        try:
+            if conn.is_open:
+                conn.close()
+        except Exception:
+            pass
+
+    def _serve(self, conn: Any) -> None:
+        while not self._stopping.is_set():
+            conn.process_data_events(time_limit=_TICK)
+            while self._calls and not self._stopping.is_set():
+                self._execute(self._calls.popleft())
+            self._check_pending()
+            for held in list(self._held):
+                if held.channel.is_closed:
+                    self._lose(held, held.close_reason[0] if held.close_reason else "channel closed")
+
+    def _execute(self, call: Call) -> None:
+        try:
+            value = call.fn(call)
+        except (pex.AMQPConnectionError, OSError):
+            call.finish(call.default)
+            raise
+        except Exception:
+            log.exception("RabbitMQ operation failed")
+            call.finish(call.default)
+            return
+        if value is not LATER:
+            call.finish(value)
+
+    def _lose(self, held: Held, why: str, settling: bool = False) -> None:
+        self._held.discard(held)
+        if held.lost or (held.settled and not settling):
+            return
+        held.lost = True
+        delivery = held.delivery
+        if delivery is None:
+            return
+        delivery.lost_reason = why
+        log.warning("lost the claim on message %s of queue %s (attempt %d): %s; the broker puts it back on "
+                    "the queue and it may run again elsewhere; this experiment keeps running",
+                    delivery.message_id, held.queue, held.attempt, why)
+        try:
+            held.token.run_sync_soon(delivery.lost.set)
+        except trio.RunFinishedError:
+            pass
+
+    # receive --------------------------------------------------------------------------------------
+    def begin_receive(self, queue: str, arguments: dict[str, Any] | None, token: trio.lowlevel.TrioToken,
+                      call: Call) -> Any:
+        channel = self._conn.channel()
+        reason = _watch_close(channel)
+        try:
+            declared = channel.queue_declare(queue, passive=True)
+            if declared.method.message_count == 0:
+                _close_quietly(channel)
+                return None
+            channel.basic_qos(prefetch_count=1)
+            pending = _Pending(call, channel, queue, token, time.monotonic() + self._receive_wait, reason)
+            pending.tag = channel.basic_consume(queue, partial(self._on_message, pending), auto_ack=False,
+                                                arguments=arguments)
+        except pex.AMQPChannelError as exc:
+            log.debug("cannot consume from queue %s: %s", queue, exc)
+            _close_quietly(channel)
+            return None
+        self._pending.append(pending)
+        return LATER
+
+    @staticmethod
+    def _on_message(pending: _Pending, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        pending.message = (method, properties, body)
+
+    def _check_pending(self) -> None:
+        now = time.monotonic()
+        for pending in list(self._pending):
+            if pending.message is None and now < pending.deadline and pending.channel.is_open:
+                continue
+            self._pending.remove(pending)
+            try:
+                pending.channel.basic_cancel(pending.tag)
+            except pex.AMQPChannelError:
+                pending.call.finish(None)  # channel gone: the broker requeued anything it had sent
+                continue
+            if pending.message is None:
+                _close_quietly(pending.channel)
+                pending.call.finish(None)
+                continue
+            method, properties, body = pending.message
+            held = Held(pending.channel, method, properties, body, pending.queue, pending.token,
+                        pending.close_reason)
+            held.delivery = self._delivery_factory(held)
+            self._held.add(held)
+            pending.call.finish(held.delivery)
+
+    def release(self, held: Held) -> None:
+        """A delivery nobody will run (its receive() was cancelled): give it straight back."""
+        self._held.discard(held)
+        if held.settled or held.lost:
+            return
+        held.settled = True
+        try:
+            held.channel.basic_reject(held.tag, requeue=True)
+        except pex.AMQPChannelError:
+            pass
+        _close_quietly(held.channel)
+
+    # settle ---------------------------------------------------------------------------------------
+    def settle(self, held: Held, op: str, reason: str | None) -> bool:
+        """ack / nack / set_aside on the delivery's own channel, then close that channel."""
+        name = held.delivery.message_id if held.delivery else "?"
+        if held.settled:
+            log.warning("%s of message %s ignored: it was already settled", op, name)
+            return False
+        held.settled = True
+        if held.lost:
+            log.info("%s of message %s of queue %s skipped: the broker already took it back (at-least-once)",
+                     op, name, held.queue)
+            return False
+        self._held.discard(held)
+        try:
+            if op == "ack":
+                held.channel.basic_ack(held.tag)
+            elif op == "nack":
+                self._requeue(held)
+            else:
+                self._set_aside(held, reason or "")
+            return True
+        except pex.AMQPChannelError as exc:
+            cause = held.close_reason[0] if held.close_reason else str(exc) or type(exc).__name__
+            self._lose(held, f"{op} failed: {cause}", settling=True)
+            return False
+        finally:
+            _close_quietly(held.channel)
+
+    def _publisher(self) -> Any:
+        if self._pub is None or not self._pub.is_open:
+            self._pub = self._conn.channel()
+            self._pub.confirm_delivery()
+        return self._pub
+
+    def _publish_then_ack(self, held: Held, exchange: str, routing_key: str, properties: Any,
+                          what: str, drop_unroutable: bool) -> None:
+        """Publish the copy (confirmed), then ack the original; on failure hand the original back."""
+        if not held.channel.is_open:
+            raise pex.ChannelWrongStateError("the delivery's channel is closed")
+        try:
+            self._publisher().basic_publish(exchange, routing_key, held.body, properties, mandatory=True)
+        except pex.UnroutableError as exc:
+            if not drop_unroutable:
+                log.error("%s failed: nothing is bound to %r; handing the message back to queue %s",
+                          what, routing_key, held.queue)
+                held.channel.basic_nack(held.tag, requeue=True)
+                return
+            log.warning("%s: nothing is bound to %s/%s any more (queue deleted?); the message goes with "
+                        "it (%s)", what, exchange or "(default)", routing_key, exc)
+        except pex.AMQPChannelError as exc:
+            log.error("%s failed (%s); handing the message back to queue %s instead", what, exc, held.queue)
+            held.channel.basic_nack(held.tag, requeue=True)
+            return
+        held.channel.basic_ack(held.tag)
+
+    def _requeue(self, held: Held) -> None:
+        properties = copy.copy(held.properties)
+        headers = dict(properties.headers or {})
+        headers.pop("x-delivery-count", None)
+        headers[ATTEMPT_HEADER] = held.attempt + 1
+        properties.headers = headers
+        self._publish_then_ack(held, held.exchange, held.routing_key, properties,
+                               f"re-publishing message for attempt {held.attempt + 1}", drop_unroutable=True)
+
+    def _set_aside(self, held: Held, reason: str) -> None:
+        if not self._aside_declared:
+            try:
+                self._publisher().queue_declare(self._set_aside_queue, durable=True)
+            except pex.ChannelClosedByBroker as exc:  # exists with other properties: use it as it is
+                log.warning("set-aside queue %s: %s", self._set_aside_queue, exc)
+            self._aside_declared = True
+        properties = copy.copy(held.properties)
+        headers = dict(properties.headers or {})
+        headers.update({REASON_HEADER: reason[:4000], QUEUE_HEADER: held.queue, ATTEMPT_HEADER: held.attempt})
+        properties.headers = headers
+        properties.delivery_mode = 2
+        self._publish_then_ack(held, "", self._set_aside_queue, properties,
+                               f"setting message aside to {self._set_aside_queue}", drop_unroutable=False)
+
+
+async def await_call(link: Link, fn: Callable[[Call], Any], default: Any,
+                     release: Callable[[Any], None] | None = None) -> Any:
+    """Run ``fn`` on the IO thread and wait for its answer; ``default`` when disconnected."""
+    call = Call(fn, trio.lowlevel.current_trio_token(), default, release)
+    if not link.submit(call):
+        return default
+    try:
+        await call.event.wait()
+    except BaseException:
+        value = call.abandon()
+        if release is not None and value is not None and value is not default:
+            link.submit(Call(lambda _c: release(value), None, None))
+        raise
+    return call.value
+

@@ -1,0 +1,55 @@
+"""The contract every storage backend honours: objects addressed by URL.
+
+Artifacts carry their own locator (``s3://host:port/bucket/key``, ``file://...``, a plain path, or an
+``https://`` URL), so the runner picks a backend per URL scheme rather than per deployment. All methods are
+async; backends built on blocking libraries (boto3) run them in ``trio.to_thread``.
+
+``put`` must be atomic to readers: a reader sees the old object or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Access keys for one object store. ``repr`` never shows the secret."""
+
+    access_key: str
+    secret_key: str
+    session_token: str | None = None
+    region: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Credentials(access_key={self.access_key[:4]}..., region={self.region!r})"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    url: str
+    size: int
+    etag: str | None = None
+    mtime: float | None = None
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Get, put, stat and list objects by URL."""
+
+    def handles(self, url: str) -> bool:
+        """Whether this backend understands ``url``."""
+
+    async def get(self, url: str, dest: Path, credentials: Credentials | None = None) -> ObjectInfo:
+        """Download ``url`` to the file ``dest`` (written whole or not at all). Raises ObjectNotFound."""
+
+    async def put(self, src: Path, url: str, credentials: Credentials | None = None) -> ObjectInfo:
+        """Upload the file ``src`` to ``url``, atomically for readers."""
+
+    async def stat(self, url: str, credentials: Credentials | None = None) -> ObjectInfo | None:
+        """Size and version of ``url``, or None when it does not exist."""
+
+    async def list(self, prefix_url: str, credentials: Credentials | None = None) -> list[ObjectInfo]:
+        """Objects whose URL starts with ``prefix_url``."""

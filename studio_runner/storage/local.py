@@ -1,0 +1,145 @@
+"""Objects stored as files on a local (or mounted) file system: the client's ``storage: {type: local}`` mode.
+
+Three locator forms are accepted: a plain absolute path, a proper ``file:///abs/path`` URL, and the client's
+own ``'file:/' + store_root + '/' + key``, which for an absolute store root reads ``file://tmp/store/key`` —
+the first path segment sits where a URL host would. All three are read as absolute paths (leading slashes
+collapsed, no host, no percent-decoding: the client never encodes its keys).
+
+Reads copy (never hardlink: an experiment editing its input in place must not change the store); writes go
+to a temporary file beside the target and are renamed over it, so readers see the old or the new object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import trio
+
+from studio_runner.errors import ObjectNotFound, StorageError
+from studio_runner.storage.base import Credentials, ObjectInfo
+
+_CHUNK = 1 << 20
+
+
+def _url_to_str(url: str) -> str:
+    if url.startswith("/"):
+        return url
+    if url[:5].lower() == "file:":
+        return "/" + url[5:].lstrip("/")
+    raise StorageError(f"not a local locator: {url!r}")
+
+
+def url_to_path(url: str) -> Path:
+    """The absolute path a local locator names (plain path, ``file:///abs`` or the client's ``file://abs``)."""
+    return Path(_url_to_str(url))
+
+
+def _info(url: str, st: os.stat_result) -> ObjectInfo:
+    return ObjectInfo(url=url, size=st.st_size, etag=f"{st.st_size}-{st.st_mtime_ns}", mtime=st.st_mtime)
+
+
+def _atomic_copy(src: Path, dest: Path) -> os.stat_result:
+    """Copy ``src`` to ``dest`` through a temporary sibling and a rename; returns the source's stat."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp_name = str(dest.parent / f".{dest.name}.{secrets.token_hex(8)}.tmp")
+    # 0o666 less the umask, like the client's own copy: mkstemp's 0o600 would lock out other users.
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fdst, open(src, "rb") as fsrc:
+            st = os.fstat(fsrc.fileno())
+            shutil.copyfileobj(fsrc, fdst, _CHUNK)
+            fdst.flush()
+            os.fsync(fdst.fileno())
+        os.replace(tmp_name, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    return st
+
+
+class LocalStore:
+    """ObjectStore over local paths. ``roots``, when given, confines every locator to those directories."""
+
+    def __init__(self, roots: list[str | Path] | None = None) -> None:
+        self.roots = [Path(os.path.realpath(r)) for r in roots] if roots else None
+
+    def handles(self, url: str) -> bool:
+        return url.startswith("/") or url[:5].lower() == "file:"
+
+    def _path(self, url: str) -> Path:
+        path = url_to_path(url)
+        if self.roots is not None:
+            real = Path(os.path.realpath(path))
+            if not any(real == root or root in real.parents for root in self.roots):
+                raise StorageError(f"local locator {url!r} is outside the allowed storage roots")
+        return path
+
+    async def get(self, url: str, dest: Path, credentials: Credentials | None = None) -> ObjectInfo:
+        src = self._path(url)
+
+        def work() -> ObjectInfo:
+            try:
+                return _info(url, _atomic_copy(src, Path(dest)))
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+                if not src.is_file():
+                    raise ObjectNotFound(url) from exc
+                raise StorageError(f"cannot copy {url} to {dest}: {exc}") from exc
+            except OSError as exc:
+                raise StorageError(f"cannot read {url}: {exc}") from exc
+
+        return await trio.to_thread.run_sync(work)
+
+    async def put(self, src: Path, url: str, credentials: Credentials | None = None) -> ObjectInfo:
+        target = self._path(url)
+
+        def work() -> ObjectInfo:
+            try:
+                _atomic_copy(Path(src), target)
+                return _info(url, os.stat(target))
+            except OSError as exc:
+                raise StorageError(f"cannot write {url}: {exc}") from exc
+
+        return await trio.to_thread.run_sync(work)
+
+    async def stat(self, url: str, credentials: Credentials | None = None) -> ObjectInfo | None:
+        path = self._path(url)
+
+        def work() -> ObjectInfo | None:
+            try:
+                st = os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as exc:
+                raise StorageError(f"cannot stat {url}: {exc}") from exc
+            return _info(url, st) if os.path.isfile(path) else None
+
+        return await trio.to_thread.run_sync(work)
+
+    async def list(self, prefix_url: str, credentials: Credentials | None = None) -> list[ObjectInfo]:
+        """Files whose path starts with the prefix's path; URLs keep the prefix's spelling."""
+        self._path(prefix_url)
+        prefix = _url_to_str(prefix_url)
+        root = prefix if prefix.endswith("/") else os.path.dirname(prefix)
+
+        def work() -> list[ObjectInfo]:
+            found: list[ObjectInfo] = []
+            for dirpath, _dirs, files in os.walk(root):
+                for name in files:
+                    full = os.path.join(dirpath, name)
+                    if not full.startswith(prefix):
+                        continue
+                    try:
+                        st = os.stat(full)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        raise StorageError(f"cannot list {prefix_url}: {exc}") from exc
+                    found.append(_info(prefix_url + full[len(prefix) :], st))
+            return sorted(found, key=lambda info: info.url)
+
+        return await trio.to_thread.run_sync(work)

@@ -1,0 +1,178 @@
+"""LocalStore against real files, and Stores' choice of backend."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from studio_runner.errors import ObjectNotFound, StorageError
+from studio_runner.storage import Stores, redact_url
+from studio_runner.storage.http import HttpStore
+from studio_runner.storage.local import LocalStore, url_to_path
+
+
+def client_url(store_root: Path, key: str) -> str:
+    """Exactly how studioml 0.0.49's LocalStorageHandler.get_qualified_location spells a location."""
+    return "file:/" + str(store_root) + "/" + key
+
+
+def test_url_forms_all_name_the_absolute_path() -> None:
+    assert url_to_path("/abs/x") == Path("/abs/x")
+    assert url_to_path("file:///abs/x") == Path("/abs/x")
+    assert url_to_path("file://tmp/sm/store/bucket/key") == Path("/tmp/sm/store/bucket/key")
+    assert url_to_path("file:/abs/x") == Path("/abs/x")
+    with pytest.raises(StorageError):
+        url_to_path("s3://host/bucket/key")
+
+
+@pytest.mark.parametrize("form", ["plain", "file3", "client"])
+def test_get_reads_every_url_form(tmp_path: Path, form: str) -> None:
+    root = tmp_path / "store" / "bucket"
+    (root / "blobstore").mkdir(parents=True)
+    (root / "blobstore" / "abc.tar").write_bytes(b"payload")
+    path = root / "blobstore" / "abc.tar"
+    urls = {"plain": str(path), "file3": f"file://{path}", "client": client_url(root, "blobstore/abc.tar")}
+    url = urls[form]
+    assert url.startswith("file://") == (form != "plain")
+    dest = tmp_path / "out" / "x.tar"
+
+    info = trio.run(LocalStore().get, url, dest)
+
+    assert dest.read_bytes() == b"payload"
+    assert info.size == 7 and info.url == url and info.etag
+    assert sorted(os.listdir(dest.parent)) == ["x.tar"]  # no temp file left behind
+
+
+def test_get_missing_object_is_not_found(tmp_path: Path) -> None:
+    (tmp_path / "adir").mkdir()
+    for url in (str(tmp_path / "nope"), f"file://{tmp_path}/nope/deeper", str(tmp_path / "adir")):
+        with pytest.raises(ObjectNotFound):
+            trio.run(LocalStore().get, url, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_put_creates_parents_and_stat_lists_it(tmp_path: Path) -> None:
+    src = tmp_path / "src.tar"
+    src.write_bytes(b"x" * 1000)
+    root = tmp_path / "store" / "bucket"
+    url = client_url(root, "experiments/e1/output.tar")
+    store = LocalStore()
+
+    info = trio.run(store.put, src, url)
+
+    assert (root / "experiments" / "e1" / "output.tar").read_bytes() == b"x" * 1000
+    assert info.size == 1000
+    stat = trio.run(store.stat, url)
+    assert stat is not None and stat.size == 1000 and stat.etag == info.etag
+    assert trio.run(store.stat, url + ".missing") is None
+    listed = trio.run(store.list, client_url(root, "experiments/"))
+    assert [i.url for i in listed] == [url]
+    assert trio.run(store.list, client_url(root, "experiments/e2")) == []
+
+
+def test_put_leaves_objects_readable_like_the_client_does(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"data")
+    src.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        trio.run(LocalStore().put, src, str(tmp_path / "store" / "obj"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "store" / "obj").stat().st_mode) == 0o644
+
+
+def test_etag_changes_when_the_object_is_replaced(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"one")
+    url = str(tmp_path / "obj")
+    store = LocalStore()
+    first = trio.run(store.put, src, url)
+    src.write_bytes(b"three")
+    second = trio.run(store.put, src, url)
+    assert first.etag != second.etag
+
+
+def test_put_failure_is_storage_error_naming_the_url(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"data")
+    (tmp_path / "afile").write_bytes(b"")
+    url = f"file://{tmp_path}/afile/under/a/file"
+    with pytest.raises(StorageError, match="afile/under"):
+        trio.run(LocalStore().put, src, url)
+
+
+def test_roots_confine_locators(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "obj").write_bytes(b"ok")
+    (tmp_path / "secret").write_bytes(b"no")
+    store = LocalStore(roots=[allowed])
+    trio.run(store.get, str(allowed / "obj"), tmp_path / "d1")
+    with pytest.raises(StorageError, match="outside"):
+        trio.run(store.get, str(tmp_path / "secret"), tmp_path / "d2")
+    with pytest.raises(StorageError, match="outside"):
+        trio.run(store.get, f"{allowed}/../secret", tmp_path / "d3")
+
+
+def test_put_is_atomic_to_concurrent_readers(tmp_path: Path) -> None:
+    size = 8 << 20
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_bytes(b"a" * size)
+    new.write_bytes(b"b" * size)
+    target = tmp_path / "store" / "obj"
+    store = LocalStore()
+    trio.run(store.put, old, str(target))
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            data = target.read_bytes()
+            seen.append(data[:1] + data[-1:] + len(data).to_bytes(8, "big"))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(6):
+            trio.run(store.put, new if i % 2 == 0 else old, str(target))
+    finally:
+        stop.set()
+        thread.join()
+    whole = {b"aa" + size.to_bytes(8, "big"), b"bb" + size.to_bytes(8, "big")}
+    assert seen and set(seen) <= whole
+    assert os.listdir(target.parent) == ["obj"]
+
+
+def test_stores_picks_one_backend_per_kind(tmp_path: Path) -> None:
+    stores = Stores()
+    local = stores.for_url("/abs/path")
+    assert isinstance(local, LocalStore)
+    assert stores.for_url("file://tmp/x") is local
+    assert stores.for_url("FILE:///x") is local
+    assert isinstance(stores.for_url("https://example.com/a.tar"), HttpStore)
+    assert stores.for_url("http://example.com/b") is stores.for_url("https://example.com/a")
+    for url in ("gs://bucket/key", "dockerhub://image", "shub://x"):
+        with pytest.raises(StorageError, match="unsupported locator scheme"):
+            stores.for_url(url)
+    with pytest.raises(StorageError):
+        stores.for_url("relative/key.tar")
+
+
+def test_stores_builds_s3_with_options() -> None:
+    stores = Stores(s3_options={"default_region": "eu-west-2"})
+    s3 = stores.for_url("s3://127.0.0.1:9000/bucket/key.tar")
+    assert type(s3).__name__ == "S3Store"
+    assert s3.default_region == "eu-west-2"  # type: ignore[attr-defined]
+    assert stores.for_url("s3://other:9000/b/k") is s3
+
+
+def test_redact_url_drops_secrets() -> None:
+    shown = redact_url("https://user:pw@host.example:8443/a/b.tar?X-Amz-Signature=SECRET#frag")
+    assert shown == "https://host.example:8443/a/b.tar"
+    assert redact_url("file://tmp/x") == "file://tmp/x"

@@ -1,0 +1,210 @@
+"""The whole runner as a user runs it: the real CLI in a subprocess, the local queue, local storage, real
+virtualenvs and real experiment processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from studio_runner.submit import Submission, submit
+from support.runner import Sandbox, metadata_documents, read_member, sandbox  # noqa: F401
+
+
+def write_script(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / name
+    script.write_text(textwrap.dedent(body))
+    return script
+
+
+def queue(box: Sandbox, script: Path, key: str, **kwargs) -> dict:
+    return submit(Submission(script=script, queue="local_e2e", experiment=key, **kwargs),
+                  box.queue_root, box.store)
+
+
+def test_success_failure_and_metadata(sandbox: Sandbox, tmp_path):
+    ok = write_script(tmp_path / "ok", "train.py", """\
+        import json, os, sys
+        print("args", sys.argv[1:])
+        print(json.dumps({"experiment": {"name": "trial-3", "epochs": 10}}))
+        print(json.dumps([{"op": "replace", "path": "/experiment/epochs", "value": 12}]))
+        print(json.dumps({"experiment": {"accuracy": 0.97}}))
+        print("secret is", os.environ["MY_TOKEN"])
+        print("cuda", repr(os.environ["CUDA_VISIBLE_DEVICES"]), os.environ["STUDIOML_EXPERIMENT"])
+        os.makedirs("../modeldir/sub", exist_ok=True)
+        open("../modeldir/sub/weights.txt", "w").write("42")
+        """)
+    bad = write_script(tmp_path / "bad", "fails.py", """\
+        import sys
+        print("before the failure")
+        print("to stderr", file=sys.stderr)
+        raise ValueError("broken on purpose")
+        """)
+    queue(sandbox, ok, "exp_ok", args=["a b", "it's"], env={"MY_TOKEN": "tok-very-secret-123"})
+    queue(sandbox, bad, "exp_bad")
+    result = sandbox.run_once()
+    assert result.returncode == 1, result.stdout + result.stderr  # one experiment failed
+
+    output = sandbox.output_text("exp_ok")
+    assert "args ['a b', \"it's\"]" in output  # shell-quoted args are split back exactly
+    assert "tok-very-secret-123" not in output and "secret is ****" in output
+    assert "cuda ''" in output
+    modeldir = sandbox.artifact("exp_ok", "modeldir")
+    assert read_member(modeldir, "sub/weights.txt") == "42"
+
+    docs = {json.loads(p.read_text())["studioml"]["experiment"]["key"]: json.loads(p.read_text())
+            for p in metadata_documents(sandbox.store)}
+    doc = docs["exp_ok"]
+    assert doc["experiment"] == {"name": "trial-3", "epochs": 12, "accuracy": 0.97}
+    messages = [entry["msg"] for entry in doc["studioml"]["log"]]
+    assert messages[:2] == ["Init", ""] and "Start" in messages and messages[-1] == "Stop"
+    assert messages.index("Start") < messages.index("secret is ****") < messages.index("Stop")
+    assert doc["studioml"]["outcome"]["status"] == "success"
+    assert "tok-very-secret-123" not in json.dumps(doc)
+
+    failed = sandbox.output_text("exp_bad")
+    assert "before the failure" in failed and "to stderr" in failed
+    assert "Traceback" in failed and "ValueError: broken on purpose" in failed
+    assert docs["exp_bad"]["studioml"]["outcome"]["status"] == "failed"
+    assert sandbox.pending("local_e2e") == [] and sandbox.set_aside("local_e2e") == []
+    assert "tok-very-secret-123" not in result.stdout + result.stderr
+
+
+def test_timeout_kills_the_whole_process_tree(sandbox: Sandbox, tmp_path):
+    script = write_script(tmp_path / "slow", "slow.py", """\
+        import os, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        grandchild_cmd = "import os, time; os.setsid(); time.sleep(300)"
+        escaped = subprocess.Popen([sys.executable, "-c", grandchild_cmd])
+        print("pids", child.pid, escaped.pid, flush=True)
+        time.sleep(300)
+        """)
+    queue(sandbox, script, "exp_slow", max_duration="2s")
+    started = time.monotonic()
+    result = sandbox.run_once()
+    assert time.monotonic() - started < 60
+    output = sandbox.output_text("exp_slow")
+    assert "timeout: stopped after" in output and "max_duration" in output
+    pids = [int(p) for p in output.split("pids ", 1)[1].split()[:2]]
+    time.sleep(0.5)
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
+    assert sandbox.pending("local_e2e") == []
+    assert result.returncode == 1
+
+
+def test_malformed_message_is_set_aside_and_the_next_runs(sandbox: Sandbox, tmp_path):
+    script = write_script(tmp_path / "ok", "ok.py", "print('good message ran')\n")
+    qdir = sandbox.queue_root / "local_e2e"
+    qdir.mkdir(parents=True)
+    (qdir / "garbage").write_text('{"experiment": {"key": 12, "secret_access_key": "SHOULD-NOT-LEAK"}}')
+    old = time.time() - 60
+    os.utime(qdir / "garbage", (old, old))
+    queue(sandbox, script, "exp_after_garbage")
+    result = sandbox.run_once()
+    assert "good message ran" in sandbox.output_text("exp_after_garbage")
+    aside = sandbox.set_aside("local_e2e")
+    assert [p.name for p in aside if not p.name.endswith(".txt")] == ["garbage"]
+    reason = next(p for p in aside if p.name.endswith(".reason.txt")).read_text()
+    assert "experiment.key" in reason
+    assert "SHOULD-NOT-LEAK" not in reason and "SHOULD-NOT-LEAK" not in result.stderr
+    assert sandbox.pending("local_e2e") == []
+
+
+def test_kill_9_mid_experiment_then_another_runner_completes_it(sandbox: Sandbox, tmp_path):
+    marker = tmp_path / "started"
+    script = write_script(tmp_path / "long", "long.py", f"""\
+        import pathlib, time
+        print("working", flush=True)
+        pathlib.Path({str(marker)!r}).write_text("x")
+        time.sleep(4)
+        print("finished the work")
+        """)
+    queue(sandbox, script, "exp_crash")
+    first = sandbox.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert first.poll() is None, first.stdout.read() if first.stdout else ""
+            assert time.monotonic() < deadline, "the first runner never started the experiment"
+            time.sleep(0.05)
+        experiment_pids = [p.pid for p in psutil.Process(first.pid).children(recursive=True)]
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    time.sleep(0.3)
+    assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+               for pid in experiment_pids), "the experiment outlived its runner"
+    second = sandbox.run_once()
+    assert second.returncode == 0, second.stdout + second.stderr
+    output = sandbox.output_text("exp_crash")
+    assert "finished the work" in output
+    assert "attempt 2" in output
+    assert sandbox.pending("local_e2e") == []
+
+
+def test_sigterm_hands_the_running_experiment_back(sandbox: Sandbox, tmp_path):
+    marker = tmp_path / "started"
+    script = write_script(tmp_path / "long", "long.py", f"""\
+        import pathlib, time
+        pathlib.Path({str(marker)!r}).write_text("x")
+        print("started", flush=True)
+        time.sleep(120)
+        """)
+    queue(sandbox, script, "exp_term")
+    runner = sandbox.start()
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert runner.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    runner.send_signal(signal.SIGTERM)
+    out, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 0, out
+    assert sandbox.pending("local_e2e"), "the message must be back on its queue"
+    assert "started" in sandbox.output_text("exp_term")  # output so far was uploaded
+
+
+def test_expired_request_is_set_aside_without_running(sandbox: Sandbox, tmp_path):
+    marker = tmp_path / "ran"
+    script = write_script(tmp_path / "x", "x.py", f"open({str(marker)!r}, 'w').write('ran')\n")
+    request = queue(sandbox, script, "exp_expired", lifetime="1s")
+    assert request["config"]["experimentLifetime"] == "1s"
+    time.sleep(1.2)
+    sandbox.run_once()
+    assert not marker.exists()
+    assert [p.name for p in sandbox.set_aside("local_e2e") if p.suffix != ".txt"]
+
+
+@pytest.mark.slow
+def test_demo_command(tmp_path):
+    """The README's first command ends with the demo's four experiments in their expected states."""
+    import subprocess
+    import sys
+
+    from support.runner import REPO
+    from support.studioml_client import cache_root
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), ENV_CACHE_DIR=str(cache_root() / "envs"))
+    result = subprocess.run([sys.executable, str(REPO / "runner.py"), "demo", "--demo-dir", str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all experiments ended as expected" in result.stdout
+    for name, status in [("metadata", "success"), ("pythonenv", "success"), ("fails", "failed"),
+                         ("timeout", "timeout")]:
+        assert any(line.startswith(f"demo_{name} ") and f" {status} " in line
+                   for line in result.stdout.splitlines()), (name, result.stdout)
+    store = tmp_path / "storage" / "studioml"
+    fails = read_member(store / "experiments" / "demo_fails" / "output.tar", "output")
+    assert "ValueError: this experiment fails on purpose" in fails
+    docs = [json.loads(p.read_text()) for p in metadata_documents(store)]
+    train = next(d for d in docs if d["studioml"]["experiment"]["key"] == "demo_metadata")
+    assert train["experiment"]["epoch"] == 3 and train["experiment"]["finished"] is True
