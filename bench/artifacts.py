@@ -29,12 +29,27 @@ from boto3.s3.transfer import TransferConfig
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from studio_runner.cache import ArtifactCache  # noqa: E402
-from studio_runner.storage.s3 import S3Store  # noqa: E402
 from support.s3server import REGION, start_moto  # noqa: E402
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3}
+from studio_runner.cache import ArtifactCache  # noqa: E402
+from studio_runner.storage.s3 import S3Store  # noqa: E402
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "ki": 1024,
+    "kib": 1024,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "gi": 1024**3,
+    "gib": 1024**3,
+}
 
 
 def parse_size(text: str) -> int:
@@ -105,7 +120,9 @@ def run(server, work: Path, size: int, rounds: int, verbose: bool) -> None:  # t
             dest = work / f"{side}.down"
             if side == "raw":
                 record("raw up", timed(client.upload_file, str(src), bucket, "raw.bin", None, None, raw_cfg))
-                record("raw down", timed(client.download_file, bucket, "raw.bin", str(dest), None, None, raw_cfg))
+                record(
+                    "raw down", timed(client.download_file, bucket, "raw.bin", str(dest), None, None, raw_cfg)
+                )
                 client.delete_object(Bucket=bucket, Key="raw.bin")
             else:
                 record("ours up", timed(trio.run, store.put, src, ours_url, creds))
@@ -118,8 +135,10 @@ def run(server, work: Path, size: int, rounds: int, verbose: bool) -> None:  # t
 
     for op in ("up", "down"):
         raw, ours = mib / best[f"raw {op}"], mib / best[f"ours {op}"]
-        print(f"{op + 'load':9} raw boto3 {raw:8.1f} MiB/s   S3Store {ours:8.1f} MiB/s   ratio {ours / raw:.2f}"
-              "   (target >= 0.90)")
+        print(
+            f"{op + 'load':9} raw boto3 {raw:8.1f} MiB/s   S3Store {ours:8.1f} MiB/s   ratio {ours / raw:.2f}"
+            "   (target >= 0.90)"
+        )
 
     cache = ArtifactCache(work / "cache", max_bytes=2 * size)
     miss = timed(trio.run, cache.fetch, store, ours_url, creds, work / "exp1.bin")

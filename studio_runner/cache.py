@@ -1,9 +1,9 @@
 """Host-wide download cache for immutable artifacts (lifecycle.md §4.2, with its Recommended changes).
 
 Only immutable inputs belong here — that is the caller's choice (``artifacts.py`` passes mutable artifacts
-straight to the store). Blobstore keys are content-addressed by the client, so a cached copy never goes stale;
-the entry key is still sha256(URL without credentials, ETag, size) — or size+mtime when the store has no ETag —
-so a replaced object is a miss and bare ETags never collide across buckets.
+straight to the store). Blobstore keys are content-addressed by the client, so a cached copy never goes
+stale; the entry key is still sha256(URL without credentials, ETag, size) — or size+mtime when the store has
+no ETag — so a replaced object is a miss and bare ETags never collide across buckets.
 
 Layout under ``root`` (dedicated to the cache; the directory itself is the index, so several runner processes
 on one host can share it):
@@ -46,7 +46,7 @@ _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTS
 
 
 def public_url(url: str) -> str:
-    """``url`` without user-info or pre-signing query parameters: what identifies the object, not the caller."""
+    """``url`` without user-info or pre-signing query parameters: it names the object, not the caller."""
     parts = urlsplit(url)
     netloc = parts.netloc.rpartition("@")[2]
     query = [
@@ -178,7 +178,9 @@ class ArtifactCache:
             got = await store.get(url, data, credentials)
             size = data.stat().st_size
             if size != got.size:
-                raise StorageError(f"download of {public_url(url)} has {size} bytes, the store said {got.size}")
+                raise StorageError(
+                    f"download of {public_url(url)} has {size} bytes, the store said {got.size}"
+                )
             # The object may have changed since our stat: file it under the version we actually got.
             final_key = cache_key(url, got)
             data.chmod(0o444)

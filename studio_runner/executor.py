@@ -335,7 +335,7 @@ class ArtifactSync:
         self.output = output
         self.scraper = scraper
         self.fingerprints: dict[str, str | None] = {}
-        self.scrape_name = metadata.scrape_file_name(settings.hostname, started)
+        self.scrape_name = metadata.scrape_file_name(settings.hostname, started, request.experiment.key)
         self.metadata_url: str | None = None
         self._lock = trio.Lock()
 

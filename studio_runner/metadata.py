@@ -20,6 +20,7 @@ Timestamps written by the runner lines use UTC, also where Go used the host's lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -77,9 +78,16 @@ def attempt_id(host: str, when: float) -> str:
     return f"{host}-{base62(int(when))}"
 
 
-def scrape_file_name(host: str, when: float) -> str:
-    """File name of an attempt's scrape under ``_metadata/``; re-scrapes of one attempt overwrite it."""
-    return f"scrape-host-{attempt_id(host, when)}.json"
+def scrape_file_name(host: str, when: float, experiment_key: str = "") -> str:
+    """File name of an attempt's scrape under ``_metadata/``; re-scrapes of one attempt overwrite it.
+
+    Go names it ``scrape-host-<host>-<base62 secs>.json``; every experiment of a bucket shares ``metadata/``,
+    so two experiments starting in the same second on one host would overwrite each other's document. With
+    ``experiment_key`` a short hash of it is appended (the name still sorts by time)."""
+    suffix = ""
+    if experiment_key:
+        suffix = "-" + hashlib.blake2b(experiment_key.encode(), digest_size=4).hexdigest()
+    return f"scrape-host-{attempt_id(host, when)}{suffix}.json"
 
 
 # --- timestamps --------------------------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from support.s3server are re-bound as test parameters)
 """ArtifactCache over the real S3Store and a real S3-protocol server (moto's standalone server)."""
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def store() -> CountingStore:
     return CountingStore(S3Store())
 
 
-def test_miss_then_hit_is_a_hardlink(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:  # noqa: F811
+def test_miss_then_hit_is_a_hardlink(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:
     data = os.urandom(100 * KiB)
     url = _upload(s3_bucket, "blobstore/a.tar", data)
     cache = ArtifactCache(tmp_path / "cache", 10 * 1024 * KiB)
@@ -82,7 +83,7 @@ def test_miss_then_hit_is_a_hardlink(s3_bucket: S3Bucket, store: CountingStore, 
     assert [p.name for p in second.parent.iterdir()] == ["a.tar"]
 
 
-def test_concurrent_fetches_download_once(s3_bucket: S3Bucket, tmp_path: Path) -> None:  # noqa: F811
+def test_concurrent_fetches_download_once(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     data = os.urandom(64 * KiB)
     url = _upload(s3_bucket, "blobstore/b.tar", data)
     store = CountingStore(S3Store(), delay=0.3)
@@ -99,7 +100,7 @@ def test_concurrent_fetches_download_once(s3_bucket: S3Bucket, tmp_path: Path) -
     assert all((tmp_path / f"d{i}").read_bytes() == data for i in range(6))
 
 
-def test_two_caches_on_one_root_download_once(s3_bucket: S3Bucket, tmp_path: Path) -> None:  # noqa: F811
+def test_two_caches_on_one_root_download_once(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     """Two instances stand in for two runner processes: only the flock keeps them apart."""
     data = os.urandom(64 * KiB)
     url = _upload(s3_bucket, "blobstore/c.tar", data)
@@ -119,7 +120,9 @@ def test_two_caches_on_one_root_download_once(s3_bucket: S3Bucket, tmp_path: Pat
 
 
 def test_waiting_on_another_process_is_cancellable(
-    s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path  # noqa: F811
+    s3_bucket: S3Bucket,
+    store: CountingStore,
+    tmp_path: Path,
 ) -> None:
     url = _upload(s3_bucket, "blobstore/d.tar", b"d" * 100)
     cache = ArtifactCache(tmp_path / "cache", 10 * 1024 * KiB)
@@ -145,7 +148,9 @@ def test_waiting_on_another_process_is_cancellable(
 
 
 def test_partial_download_is_never_served_and_is_swept(
-    s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path  # noqa: F811
+    s3_bucket: S3Bucket,
+    store: CountingStore,
+    tmp_path: Path,
 ) -> None:
     data = os.urandom(32 * KiB)
     url = _upload(s3_bucket, "blobstore/e.tar", data)
@@ -174,17 +179,22 @@ def test_partial_download_is_never_served_and_is_swept(
     assert list((root / ".partial").iterdir()) == [live]
 
 
-def test_entries_are_adopted_at_start(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:  # noqa: F811
+def test_entries_are_adopted_at_start(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:
     url = _upload(s3_bucket, "blobstore/f.tar", b"f" * 5000)
-    trio.run(ArtifactCache(tmp_path / "cache", 10 * 1024 * KiB).fetch, store, url, s3_bucket.credentials,
-             tmp_path / "d1")
+    trio.run(
+        ArtifactCache(tmp_path / "cache", 10 * 1024 * KiB).fetch,
+        store,
+        url,
+        s3_bucket.credentials,
+        tmp_path / "d1",
+    )
     again = ArtifactCache(tmp_path / "cache", 10 * 1024 * KiB)  # a restarted runner
     trio.run(again.fetch, store, url, s3_bucket.credentials, tmp_path / "d2")
     assert (again.hits, again.misses, store.gets) == (1, 0, 1)
     assert (tmp_path / "d2").read_bytes() == b"f" * 5000
 
 
-def test_lru_eviction(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:  # noqa: F811
+def test_lru_eviction(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:
     size = 40 * KiB
     urls = {name: _upload(s3_bucket, f"blobstore/{name}", os.urandom(size)) for name in "abc"}
     cache = ArtifactCache(tmp_path / "cache", int(2.5 * size))
@@ -220,7 +230,7 @@ class OldFileStore(CountingStore):
         return info
 
 
-def test_never_evicts_what_it_just_inserted(s3_bucket: S3Bucket, tmp_path: Path) -> None:  # noqa: F811
+def test_never_evicts_what_it_just_inserted(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     size = 40 * KiB
     a, b = (_upload(s3_bucket, f"blobstore/{n}", os.urandom(size)) for n in "ab")
     cache = ArtifactCache(tmp_path / "cache", int(1.5 * size))
@@ -235,7 +245,7 @@ def test_never_evicts_what_it_just_inserted(s3_bucket: S3Bucket, tmp_path: Path)
     assert list(cache.entries()) == [cache_key(b, info)]
 
 
-def test_larger_than_the_cache_bypasses_it(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:  # noqa: F811
+def test_larger_than_the_cache_bypasses_it(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:
     data = os.urandom(20 * KiB)
     url = _upload(s3_bucket, "blobstore/huge.tar", data)
     cache = ArtifactCache(tmp_path / "cache", 10 * KiB)
@@ -244,7 +254,7 @@ def test_larger_than_the_cache_bypasses_it(s3_bucket: S3Bucket, store: CountingS
     assert cache.entries() == {} and cache.misses == 1
 
 
-def test_changed_object_is_a_miss(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:  # noqa: F811
+def test_changed_object_is_a_miss(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:
     cache = ArtifactCache(tmp_path / "cache", 10 * 1024 * KiB)
     url = _upload(s3_bucket, "blobstore/g.tar", b"version one")
     trio.run(cache.fetch, store, url, s3_bucket.credentials, tmp_path / "v1")
@@ -255,7 +265,7 @@ def test_changed_object_is_a_miss(s3_bucket: S3Bucket, store: CountingStore, tmp
     assert (cache.misses, cache.hits, store.gets) == (2, 0, 2)
 
 
-def test_damaged_entry_is_downloaded_again(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:  # noqa: F811
+def test_damaged_entry_is_downloaded_again(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:
     data = os.urandom(10 * KiB)
     url = _upload(s3_bucket, "blobstore/h.tar", data)
     cache = ArtifactCache(tmp_path / "cache", 10 * 1024 * KiB)
@@ -269,14 +279,16 @@ def test_damaged_entry_is_downloaded_again(s3_bucket: S3Bucket, store: CountingS
     assert (cache.misses, cache.hits, store.gets) == (2, 0, 2)
 
 
-def test_missing_object(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:  # noqa: F811
+def test_missing_object(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:
     cache = ArtifactCache(tmp_path / "cache", 10 * 1024 * KiB)
     with pytest.raises(ObjectNotFound):
-        trio.run(cache.fetch, store, s3_bucket.url("blobstore/none.tar"), s3_bucket.credentials, tmp_path / "d")
+        trio.run(
+            cache.fetch, store, s3_bucket.url("blobstore/none.tar"), s3_bucket.credentials, tmp_path / "d"
+        )
     assert not (tmp_path / "d").exists()
 
 
-def test_copies_across_file_systems(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:  # noqa: F811
+def test_copies_across_file_systems(s3_bucket: S3Bucket, store: CountingStore, tmp_path: Path) -> None:
     other = Path("/dev/shm")
     if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
         pytest.skip("needs a second file system at /dev/shm")

@@ -298,6 +298,8 @@ def test_attempt_id_and_scrape_file_name() -> None:
     assert attempt_id("node7", 62.9) == "node7-10"
     assert attempt_id("node7", 1631664007.5) == "node7-" + base62(1631664007)
     assert scrape_file_name("node7", 62) == "scrape-host-node7-10.json"
+    named = scrape_file_name("node7", 62, "exp-a")
+    assert named.startswith("scrape-host-node7-10-") and named != scrape_file_name("node7", 62, "exp-b")
     earlier, later = (attempt_id("h", t) for t in (1631664007, 1631664008))
     assert earlier < later
 

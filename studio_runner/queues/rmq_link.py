@@ -265,9 +265,13 @@ class Link(threading.Thread):
         if delivery is None:
             return
         delivery.lost_reason = why
-        log.warning("lost the claim on message %s of queue %s (attempt %d): %s; the broker puts it back on "
-                    "the queue and it may run again elsewhere; this experiment keeps running",
-                    delivery.message_id, held.queue, held.attempt, why)
+        if self._stopping.is_set():
+            log.info("message %s of queue %s (attempt %d) goes back to the broker: the runner is shutting "
+                     "down", delivery.message_id, held.queue, held.attempt)
+        else:
+            log.warning("lost the claim on message %s of queue %s (attempt %d): %s; the broker puts it back "
+                        "on the queue and it may run again elsewhere; this experiment keeps running",
+                        delivery.message_id, held.queue, held.attempt, why)
         try:
             held.token.run_sync_soon(delivery.lost.set)
         except trio.RunFinishedError:

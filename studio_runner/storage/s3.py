@@ -47,8 +47,15 @@ MiB = 1024 * 1024
 # s3.amazonaws.com, s3-us-west-2.amazonaws.com, s3.us-west-2.amazonaws.com
 _AWS_HOST = re.compile(r"^s3(?:[-.](?P<region>[a-z0-9-]+))?\.amazonaws\.com$")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
-_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-           "InvalidToken", "AllAccessDisabled"}
+_DENIED = {
+    "403",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AllAccessDisabled",
+}
 _MAX_CLIENTS = 64
 
 
@@ -238,10 +245,14 @@ class S3Store:
             if code == "NoSuchBucket":
                 return StorageError(f"bucket {parse_s3_url(url)[1]} does not exist ({url})")
             if code in _DENIED or status == 403:
-                return StorageError(f"access denied ({code or status}) to {url} with {_key_hint(credentials)}")
+                return StorageError(
+                    f"access denied ({code or status}) to {url} with {_key_hint(credentials)}"
+                )
             if code in {"PreconditionFailed", "412"}:
                 return StorageError(f"object changed during the transfer: {url}")
-            return StorageError(f"S3 error {code or status} for {url}: {error.get('Message', '')}".rstrip(": "))
+            return StorageError(
+                f"S3 error {code or status} for {url}: {error.get('Message', '')}".rstrip(": ")
+            )
         if isinstance(exc, BotoCoreError):
             return StorageError(f"cannot reach S3 for {url}: {exc}")
         return StorageError(f"S3 transfer of {url} failed: {type(exc).__name__}: {exc}")
@@ -253,7 +264,9 @@ class S3Store:
         except (ClientError, BotoCoreError) as exc:
             raise self._translate(exc, url, credentials) from exc
 
-    async def _bucket_missing(self, client: Any, url: str, bucket: str, credentials: Credentials | None) -> bool:
+    async def _bucket_missing(
+        self, client: Any, url: str, bucket: str, credentials: Credentials | None
+    ) -> bool:
         """A HEAD on a key answers 404 for a missing bucket too; ask the bucket to tell the two apart."""
         try:
             await self._call(url, credentials, lambda: client.head_bucket(Bucket=bucket))
@@ -298,7 +311,9 @@ class S3Store:
         loc = self._location(url)
         client = await self._call(url, credentials, lambda: self._client(loc.endpoint, credentials))
         try:
-            head = await self._call(url, credentials, lambda: client.head_object(Bucket=loc.bucket, Key=loc.key))
+            head = await self._call(
+                url, credentials, lambda: client.head_object(Bucket=loc.bucket, Key=loc.key)
+            )
         except ObjectNotFound:
             if await self._bucket_missing(client, url, loc.bucket, credentials):
                 raise StorageError(f"bucket {loc.bucket} does not exist ({redact_url(url)})") from None
@@ -318,7 +333,9 @@ class S3Store:
             await self._transfer(
                 url,
                 credentials,
-                lambda m: m.download(loc.bucket, loc.key, str(tmp), subscribers=[_KnownObject(info.size, etag)]),
+                lambda m: m.download(
+                    loc.bucket, loc.key, str(tmp), subscribers=[_KnownObject(info.size, etag)]
+                ),
             )
             os.replace(tmp, dest)
         finally:

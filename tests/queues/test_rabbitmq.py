@@ -21,6 +21,7 @@ from support.rabbitmq import (  # noqa: F401
     delete_queue,
     get_one,
     publish_like_studioml,
+    publish_with_studioml_client,
     rabbitmq_url_fixture,
     ready_count,
     short_consumer_timeout,
@@ -139,6 +140,21 @@ def test_discovery_keeps_studioml_bindings_only(rabbitmq_url: str, unique_queue:
     assert f"{unique_queue}_response" not in names
     assert other not in names and wrong_key not in names
     assert not any(name.endswith("_response") for name in names)
+
+
+@pytest.mark.rabbitmq
+def test_serves_a_message_sent_by_the_real_studioml_client(rabbitmq_url: str, unique_queue: str) -> None:
+    publish_with_studioml_client(rabbitmq_url, unique_queue, BODY.decode())
+
+    async def main() -> None:
+        async with RabbitMQQueue(rabbitmq_url) as backend:
+            assert unique_queue in await backend.discover()
+            delivery = await backend.receive(unique_queue)
+            assert delivery is not None and (delivery.body, delivery.attempt) == (BODY, 1)
+            await delivery.ack()
+
+    trio.run(main)
+    assert ready_count(rabbitmq_url, unique_queue) == 0
 
 
 @pytest.mark.rabbitmq

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from support.s3server are re-bound as test parameters)
 """S3Store against a real S3-protocol server (moto's standalone server over HTTP, IAM enforced)."""
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def test_parse_s3_url(url: str, expected: tuple[str, str, str]) -> None:
     assert parse_s3_url(url) == expected
 
 
-@pytest.mark.parametrize("url", ["http://host/b/k", "s3:///b/k", "s3://host", "s3://host/", "s3://host:x/b/k"])
+@pytest.mark.parametrize(
+    "url", ["http://host/b/k", "s3:///b/k", "s3://host", "s3://host/", "s3://host:x/b/k"]
+)
 def test_parse_s3_url_rejects(url: str) -> None:
     with pytest.raises(StorageError):
         parse_s3_url(url)
@@ -109,7 +112,7 @@ def test_is_an_object_store() -> None:
 # -- against the server --------------------------------------------------------------------------------------
 
 
-def test_round_trip(s3_bucket: S3Bucket, tmp_path: Path) -> None:  # noqa: F811
+def test_round_trip(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     store = S3Store()
     creds = s3_bucket.credentials
     src = tmp_path / "src.bin"
@@ -144,7 +147,7 @@ def test_round_trip(s3_bucket: S3Bucket, tmp_path: Path) -> None:  # noqa: F811
     trio.run(main)
 
 
-def test_list_paginates(s3_bucket: S3Bucket, tmp_path: Path) -> None:  # noqa: F811
+def test_list_paginates(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     client = s3_bucket.server.client()
     for i in range(1005):  # one page holds 1000
         client.put_object(Bucket=s3_bucket.name, Key=f"many/{i:04d}", Body=b"x")
@@ -152,7 +155,7 @@ def test_list_paginates(s3_bucket: S3Bucket, tmp_path: Path) -> None:  # noqa: F
     assert len(found) == 1005
 
 
-def test_multipart_both_ways(s3_bucket: S3Bucket, tmp_path: Path) -> None:  # noqa: F811
+def test_multipart_both_ways(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     store = S3Store(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4)
     creds = s3_bucket.credentials
     src = tmp_path / "big.bin"
@@ -177,7 +180,7 @@ def test_multipart_both_ways(s3_bucket: S3Bucket, tmp_path: Path) -> None:  # no
     assert len(ranged) == 3
 
 
-def test_missing_key_is_object_not_found(s3_bucket: S3Bucket, tmp_path: Path) -> None:  # noqa: F811
+def test_missing_key_is_object_not_found(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     url = s3_bucket.url("blobstore/missing.tar")
     dest = tmp_path / "missing.tar"
     with pytest.raises(ObjectNotFound) as info:
@@ -186,7 +189,7 @@ def test_missing_key_is_object_not_found(s3_bucket: S3Bucket, tmp_path: Path) ->
     assert not dest.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_missing_bucket_is_a_storage_error(s3_server, tmp_path: Path) -> None:  # noqa: F811
+def test_missing_bucket_is_a_storage_error(s3_server, tmp_path: Path) -> None:
     url = f"s3://{s3_server.endpoint}/no-such-bucket-here/key"
     store = S3Store()
     for call in (
@@ -201,7 +204,7 @@ def test_missing_bucket_is_a_storage_error(s3_server, tmp_path: Path) -> None:  
         assert "no-such-bucket-here does not exist" in str(info.value)
 
 
-def test_anonymous_missing_bucket(s3_open_server, tmp_path: Path) -> None:  # noqa: F811
+def test_anonymous_missing_bucket(s3_open_server, tmp_path: Path) -> None:
     url = f"s3://{s3_open_server.endpoint}/no-such-bucket/blob.tar"
     with pytest.raises(StorageError) as info:
         trio.run(S3Store().get, url, tmp_path / "blob.tar", None)
@@ -209,9 +212,11 @@ def test_anonymous_missing_bucket(s3_open_server, tmp_path: Path) -> None:  # no
     assert "does not exist" in str(info.value) and url in str(info.value)
 
 
-def test_anonymous_read_of_open_bucket(s3_open_server, tmp_path: Path) -> None:  # noqa: F811
+def test_anonymous_read_of_open_bucket(s3_open_server, tmp_path: Path) -> None:
     client = s3_open_server.client()
-    client.create_bucket(Bucket="public-bucket", CreateBucketConfiguration={"LocationConstraint": "us-west-1"})
+    client.create_bucket(
+        Bucket="public-bucket", CreateBucketConfiguration={"LocationConstraint": "us-west-1"}
+    )
     client.put_object(Bucket="public-bucket", Key="k", Body=b"hello", ACL="public-read")
     client.put_object(Bucket="public-bucket", Key="private", Body=b"hello")
     with pytest.raises(StorageError, match="access denied"):
@@ -220,14 +225,17 @@ def test_anonymous_read_of_open_bucket(s3_open_server, tmp_path: Path) -> None: 
     assert (tmp_path / "k").read_bytes() == b"hello" and info.size == 5
 
 
-def test_anonymous_on_a_protected_server_is_denied(s3_bucket: S3Bucket) -> None:  # noqa: F811
+def test_anonymous_on_a_protected_server_is_denied(s3_bucket: S3Bucket) -> None:
     with pytest.raises(StorageError, match="access denied .* with anonymous access"):
         trio.run(S3Store().stat, s3_bucket.url("k"), None)
 
 
 @pytest.mark.parametrize("wrong", ["secret", "access_key"])
 def test_wrong_credentials_never_leak_the_secret(
-    s3_bucket: S3Bucket, tmp_path: Path, caplog: pytest.LogCaptureFixture, wrong: str  # noqa: F811
+    s3_bucket: S3Bucket,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    wrong: str,
 ) -> None:
     real = s3_bucket.credentials
     secret = "SuperSecretValue/ThatMustNeverShow+42"
@@ -271,7 +279,7 @@ def test_connection_refused_is_a_storage_error(tmp_path: Path) -> None:
         trio.run(store.get, f"s3://127.0.0.1:{port}/b/k", tmp_path / "k", Credentials("AKIAX", "sec"))
 
 
-def test_cancelled_download_leaves_nothing(s3_bucket: S3Bucket, tmp_path: Path) -> None:  # noqa: F811
+def test_cancelled_download_leaves_nothing(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     """Cancel after the first part arrives: no dest, no temp file, no transfer thread left writing."""
     store = S3Store(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=1)
     creds = s3_bucket.credentials

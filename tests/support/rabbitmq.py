@@ -115,6 +115,26 @@ def publish_like_studioml(amqp_url: str, queue: str, body: bytes | str | dict[st
         ch.basic_publish(EXCHANGE, f"StudioML.{queue}", body, props, mandatory=True)
 
 
+STUDIOML_CLIENT_PYTHON = os.environ.get("STUDIOML_CLIENT_PYTHON", "/tmp/studioml-venv/bin/python")
+_CLIENT_ENQUEUE = """
+import sys
+from studio.queues.rabbit_queue import RMQueue
+url, queue = sys.argv[1], sys.argv[2]
+client = RMQueue(queue=queue, route="StudioML." + queue, amqp_url=url)
+client.enqueue(sys.stdin.read())
+client.shutdown(delete_queue=False)
+"""
+
+
+def publish_with_studioml_client(amqp_url: str, queue: str, body: str) -> None:
+    """Enqueue ``body`` with the real studioml 0.0.49 client code (skips when that client is missing)."""
+    if not os.path.exists(STUDIOML_CLIENT_PYTHON):
+        pytest.skip(f"no StudioML client at {STUDIOML_CLIENT_PYTHON} (set STUDIOML_CLIENT_PYTHON)")
+    done = subprocess.run([STUDIOML_CLIENT_PYTHON, "-c", _CLIENT_ENQUEUE, amqp_url, queue], input=body,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def ready_count(amqp_url: str, queue: str) -> int | None:
     """Messages ready in ``queue`` right now (passive declare; the management stats lag by seconds)."""
     try:

@@ -11,6 +11,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -83,15 +84,15 @@ resources_needed:
     return path
 
 
-def studio_run(studioml_bin: Path, config: Path, home: Path, workdir: Path, *args: str) -> str:
-    """Run ``studio-run`` (the client's entry point; the ``studio`` wrapper re-splits arguments) and return
-    the experiment key it printed."""
+def studio_run(studioml_bin: Path, config: Path, home: Path, workdir: Path, *args: str,
+               key: str | None = None) -> str:
+    """Run ``studio-run`` (the client's entry point; the ``studio`` wrapper re-splits arguments) with
+    ``--experiment=<key>`` and return the key."""
+    key = key or f"client_{uuid.uuid4().hex[:12]}"
     env = dict(os.environ, STUDIOML_HOME=str(home))
     env.pop("PYTHONPATH", None)
-    result = subprocess.run([str(studioml_bin / "studio-run"), "--config", str(config), *args],
+    result = subprocess.run([str(studioml_bin / "studio-run"), "--config", str(config),
+                             f"--experiment={key}", *args],
                             cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    for line in (result.stdout + result.stderr).splitlines():
-        if "submitted experiment" in line:
-            return line.rsplit(" ", 1)[-1].strip()
-    raise AssertionError(f"no experiment key in client output:\n{result.stdout}\n{result.stderr}")
+    return key
