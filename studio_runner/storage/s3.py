@@ -153,6 +153,7 @@ class S3Store:
         max_attempts: int = 5,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
+        list_page_size: int = 1000,
     ) -> None:
         self.ca_bundle = ca_bundle
         self.client_cert = client_cert
@@ -164,6 +165,7 @@ class S3Store:
             max_concurrency=max_concurrency,
         )
         self._max_attempts = max_attempts
+        self._page_size = list_page_size
         self._timeouts = (connect_timeout, read_timeout)
         self._clients: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._clients_lock = threading.Lock()
@@ -366,7 +368,10 @@ class S3Store:
 
         def list_all() -> list[ObjectInfo]:
             found: list[ObjectInfo] = []
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key):
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=loc.bucket, Prefix=loc.key, PaginationConfig={"PageSize": self._page_size}
+            )
+            for page in pages:
                 for obj in page.get("Contents", []):
                     found.append(
                         ObjectInfo(

@@ -147,12 +147,19 @@ def test_round_trip(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     trio.run(main)
 
 
-def test_list_paginates(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+def test_list_paginates(s3_bucket: S3Bucket) -> None:
     client = s3_bucket.server.client()
-    for i in range(1005):  # one page holds 1000
+    for i in range(7):
         client.put_object(Bucket=s3_bucket.name, Key=f"many/{i:04d}", Body=b"x")
-    found = trio.run(S3Store().list, s3_bucket.url("many/"), s3_bucket.credentials)
-    assert len(found) == 1005
+    client.put_object(Bucket=s3_bucket.name, Key="other", Body=b"x")
+    store = S3Store(list_page_size=2)
+    requests: list[int] = []
+    store._client(s3_bucket.server.endpoint, s3_bucket.credentials).meta.events.register(
+        "before-call.s3.ListObjectsV2", lambda **kwargs: requests.append(1)
+    )
+    found = trio.run(store.list, s3_bucket.url("many/"), s3_bucket.credentials)
+    assert sorted(o.url for o in found) == [s3_bucket.url(f"many/{i:04d}") for i in range(7)]
+    assert len(requests) == 4
 
 
 def test_multipart_both_ways(s3_bucket: S3Bucket, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ in memory).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import socket
@@ -87,6 +88,9 @@ class MotoS3:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.log_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.log_path)
 
 
 @dataclass
@@ -127,10 +131,10 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float)
 
 
 def start_moto(auth: bool = True, timeout: float = 60.0) -> MotoS3:
-    """Start ``python -m moto.server`` on a free port; with ``auth``, create an IAM user and enforce IAM."""
-    for _ in range(5):  # the free port may be taken between probing and binding
+    """Start moto's server on a free port; with ``auth``, create an IAM user and enforce IAM from then on."""
+    for attempt in range(5):  # the free port may be taken between probing and binding
         port = _free_port()
-        log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)  # noqa: SIM115
+        log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
         env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="inf")
         process = subprocess.Popen(
             [sys.executable, "-c", _BOOT, "-H", "127.0.0.1", "-p", str(port)],
@@ -143,6 +147,8 @@ def start_moto(auth: bool = True, timeout: float = 60.0) -> MotoS3:
             break
         process.kill()
         process.wait()
+        if attempt < 4:
+            os.unlink(log.name)
     else:
         raise RuntimeError(f"moto server did not start; see {log.name}")
     server = MotoS3(
