@@ -123,6 +123,10 @@ OPTIONS: tuple[Option, ...] = (
            secret=True),
     Option("amqp-mgt-url", str, "", "RabbitMQ management API URL; default: the AMQP host, port + 10000.",
            secret=True),
+    Option("amqp-consumer-timeout", units.parse_duration, "30m",
+           "The broker's delivery-acknowledgement timeout (RabbitMQ consumer_timeout). On brokers that "
+           "ignore the per-consumer timeout (before 3.11.15), experiments whose deadline exceeds it get a "
+           "warning: the broker will requeue their message while they run.", "duration"),
     Option("poll-interval", units.parse_duration, "0.2s",
            "How often idle queues are polled for new messages.", "duration"),
     Option("rescan-interval", units.parse_duration, "10s",

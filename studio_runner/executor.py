@@ -128,6 +128,21 @@ class Abort:
         self.reason = ""
         self.hand_back = False
         self.process_running = False
+        self._notes: list[tuple[str, dict[str, Any]]] = []
+        self._sink: Callable[[str, dict[str, Any]], None] | None = None
+
+    def note(self, text: str, **facts: Any) -> None:
+        """Record an event (e.g. the broker took the message back) in the attempt's output and metadata."""
+        if self._sink is None:
+            self._notes.append((text, facts))
+        else:
+            self._sink(text, facts)
+
+    def attach(self, sink: Callable[[str, dict[str, Any]], None]) -> None:
+        self._sink = sink
+        for text, facts in self._notes:
+            sink(text, facts)
+        self._notes.clear()
 
     def trigger(self, reason: str, hand_back: bool = False) -> None:
         if not self.event.is_set():
@@ -161,6 +176,14 @@ class Executor:
         scraper = metadata.MetadataScraper(schema_logs=self.s.schema_logs)
         output = OutputLog(expdir / "output" / "output", redactor, scraper, exp.key, on_line)
         sync = ArtifactSync(self.s, request, expdir, output, scraper, attempt_id, now)
+        events: dict[str, Any] = {}
+
+        def record(text: str, facts: dict[str, Any]) -> None:
+            output.note(text)
+            events.update(facts)
+            output.write(metadata.note_line("events", dict(events)))
+
+        abort.attach(record)
         try:
             async with trio.open_nursery() as nursery:
                 # Before the process starts, an abort simply cancels downloads and the env build; once it

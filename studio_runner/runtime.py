@@ -37,7 +37,8 @@ def build_backends(settings: Settings, runner_id: str) -> list[QueueBackend]:
     if settings.amqp_url:
         from studio_runner.queues.rabbitmq import RabbitMQQueue
 
-        backends.append(RabbitMQQueue(settings.amqp_url, settings.amqp_mgt_url or None))
+        backends.append(RabbitMQQueue(settings.amqp_url, settings.amqp_mgt_url or None,
+                                      consumer_timeout_limit=settings.amqp_consumer_timeout))
     if not backends or settings.explicitly_set("queue-root"):
         from studio_runner.queues.localdir import LocalDirQueue
 
@@ -85,6 +86,10 @@ async def open_runner(settings: Settings, on_outcome: Callable[[Outcome], None] 
         allow_env_secrets=settings.allow_env_secrets,
     ))
     backends = backends if backends is not None else build_backends(settings, runner_id)
+    for backend in backends:
+        start = getattr(backend, "start", None)
+        if start is not None:  # connect early so configuration mistakes show at start-up
+            await start()
     intake = IntakeSettings(
         queue_match=settings.queue_match, queue_mismatch=settings.queue_mismatch,
         poll_interval=settings.poll_interval, rescan_interval=settings.rescan_interval,

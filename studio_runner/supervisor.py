@@ -20,7 +20,7 @@ from studio_runner.errors import RequestInvalid
 from studio_runner.executor import Abort, Executor, Outcome
 from studio_runner.policies import Retries
 from studio_runner.queues.base import Delivery, QueueBackend
-from studio_runner.request import parse_request
+from studio_runner.request import Request, parse_request
 
 log = logging.getLogger("studio_runner.supervisor")
 
@@ -200,9 +200,10 @@ class Supervisor:
         self.running[id(delivery)].key = key
         log.info("experiment %s from %s %s (attempt %d) starting", key, backend.kind, delivery.queue,
                  delivery.attempt)
+        self._warn_if_broker_may_requeue(backend, request, key)
         async with trio.open_nursery() as watchers:
             watchers.start_soon(self._watch_queue, backend, delivery.queue, abort)
-            watchers.start_soon(self._watch_claim, delivery, key)
+            watchers.start_soon(self._watch_claim, delivery, key, abort)
             outcome = await self.executor.run(request, queue=delivery.queue, attempt=delivery.attempt,
                                               abort=abort)
             watchers.cancel_scope.cancel()
@@ -246,10 +247,24 @@ class Supervisor:
                 abort.trigger(f"queue {queue} was deleted")
                 return
 
-    async def _watch_claim(self, delivery: Delivery, key: str) -> None:
+    async def _watch_claim(self, delivery: Delivery, key: str, abort: Abort) -> None:
         await delivery.lost.wait()
-        log.warning("experiment %s: lost the claim on its message (channel closed or lease expired); "
-                    "it keeps running and its results are uploaded", key)
+        why = getattr(delivery, "lost_reason", None) or "channel closed or lease expired"
+        log.warning("experiment %s: the queue took its message back while it runs (%s); it keeps running, "
+                    "its results are uploaded, and the requeued copy may run again elsewhere", key, why)
+        abort.note(f"the queue took this experiment's message back while it ran ({why}); results are still "
+                   "uploaded, and the requeued copy may run again", claim_lost=why)
+
+    def _warn_if_broker_may_requeue(self, backend: QueueBackend, request: Request, key: str) -> None:
+        """RabbitMQ before 3.11.15 closes a delivery's channel after its node-wide consumer timeout."""
+        warn = getattr(backend, "deadline_warning", None)
+        if warn is None:
+            return
+        limits = [request.experiment.max_duration, request.config.experiment_lifetime]
+        known = [limit for limit in limits if limit]
+        message = warn(min(known + [self.executor.s.deadline.cap_seconds]))
+        if message:
+            log.warning("experiment %s: %s", key, message)
 
 
 async def _wake_on(event: trio.Event, scope: trio.CancelScope) -> None:
