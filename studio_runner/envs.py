@@ -31,13 +31,11 @@ import fcntl
 import hashlib
 import logging
 import os
-import platform
 import re
 import secrets
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -50,7 +48,14 @@ from pathlib import Path
 
 import trio
 
-from studio_runner.errors import Disposition, EnvBuildFailed, InterpreterNotFound
+from studio_runner.errors import Disposition, EnvBuildFailed
+from studio_runner.pythons import (  # noqa: F401  (re-exported)
+    Interpreter,
+    default_interpreter,
+    find_interpreter,
+    resolve_uv,
+    uv_environment,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +75,6 @@ _TRANSIENT_RE = re.compile(
     r"(?i)error sending request|connection (refused|reset)|timed out|name resolution|could not resolve host"
     r"|dns error|network is unreachable|failed to fetch|no space left on device"
 )
-_VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)")
-_REQUEST_RE = re.compile(r"^\d+(\.\d+){0,2}$")
-_PROBE = "import platform; print(platform.python_version())"
 
 
 # --- requirements and keys ---------------------------------------------------------------------------------
@@ -133,184 +135,6 @@ def mask_url_credentials(text: str) -> str:
 
 
 # --- interpreters ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Interpreter:
-    """The base interpreter for an environment; ``note`` explains a fallback (for the output log/metadata)."""
-
-    path: Path
-    version: str
-    matched: bool = True
-    note: str = ""
-
-
-_discovery_lock = threading.Lock()
-_discovered: dict[tuple[object, ...], Interpreter | None] = {}
-_probed: dict[str, str | None] = {}
-
-
-def default_interpreter() -> Interpreter:
-    """The interpreter the runner itself runs on (its base, never the runner's own venv)."""
-    base = Path(sys.base_prefix) / "bin"
-    for name in (f"python{sys.version_info[0]}.{sys.version_info[1]}", "python3", "python"):
-        if (base / name).is_file():
-            return Interpreter(base / name, platform.python_version())
-    return Interpreter(Path(sys.executable).resolve(), platform.python_version())
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    found = _VERSION_RE.match(version)
-    return tuple(int(p) for p in found.groups()) if found else ()
-
-
-def _matches(version: str, wanted: tuple[int, ...]) -> bool:
-    have = _version_tuple(version)
-    return bool(have) and have[: len(wanted)] == wanted
-
-
-def _probe(path: Path) -> str | None:
-    """The full version of the interpreter at ``path`` (one subprocess, remembered), None if unusable."""
-    key = str(path)
-    if key not in _probed:
-        try:
-            done = subprocess.run(
-                [key, "-c", _PROBE], capture_output=True, text=True, timeout=20, check=False
-            )
-            _probed[key] = done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
-        except (OSError, subprocess.SubprocessError):
-            _probed[key] = None
-    return _probed[key]
-
-
-def _pyenv_root() -> Path:
-    return Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
-
-
-def _executable_in(directory: Path) -> Path | None:
-    for sub in ("bin/python3", "bin/python", "python3", "python"):
-        if (directory / sub).is_file():
-            return directory / sub
-    return None
-
-
-def _local_candidates(search_paths: Sequence[Path]) -> list[Path]:
-    """Configured paths (an interpreter, a prefix, a bin dir, or a dir of prefixes) then pyenv's versions.
-
-    uv only sees pyenv's *global* version (the other shims fail), so pyenv's versions are listed directly;
-    pyenv-virtualenv environments (symlinks, or dirs with pyvenv.cfg) are skipped.
-    """
-    found: list[Path] = []
-    for entry in map(Path, search_paths):
-        if entry.is_file():
-            found.append(entry)
-        elif entry.is_dir():
-            direct = _executable_in(entry)
-            if direct:
-                found.append(direct)
-            else:
-                found.extend(p for p in map(_executable_in, sorted(entry.iterdir())) if p)
-    versions = _pyenv_root() / "versions"
-    if versions.is_dir():
-        for prefix in sorted(versions.iterdir()):
-            if prefix.is_symlink() or (prefix / "pyvenv.cfg").exists():
-                continue
-            exe = _executable_in(prefix)
-            if exe:
-                found.append(exe)
-    return found
-
-
-def _uv_env(allow_downloads: bool) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX")}
-    env.update(
-        NO_COLOR="1", UV_NO_PROGRESS="1", UV_PYTHON_DOWNLOADS="automatic" if allow_downloads else "never"
-    )
-    return env
-
-
-def _uv_find(uv: str, request: str, allow_downloads: bool) -> Path | None:
-    """What uv finds (managed interpreters, PATH, pyenv's global version); installs one if allowed."""
-    find = [uv, "python", "find", "--system", "--no-project", request]
-    env = _uv_env(allow_downloads)
-    try:
-        done = subprocess.run(find, capture_output=True, text=True, env=env, timeout=60, check=False)
-        if done.returncode != 0 and allow_downloads:
-            subprocess.run(
-                [uv, "python", "install", request], capture_output=True, env=env, timeout=600, check=False
-            )
-            done = subprocess.run(find, capture_output=True, text=True, env=env, timeout=60, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    path = done.stdout.strip()
-    return Path(path) if done.returncode == 0 and path else None
-
-
-def _discover(
-    request: str, search_paths: Sequence[Path], allow_downloads: bool, uv: str | None
-) -> Interpreter | None:
-    if not _REQUEST_RE.match(request) and request:
-        return None
-    wanted = tuple(int(p) for p in request.split(".")) if request else ()
-    default = default_interpreter()
-    if len(wanted) < 2 and _matches(default.version, wanted):
-        return default
-    candidates = [(default.path, default.version)]
-    candidates += [(p, v) for p in _local_candidates(search_paths) if (v := _probe(p))]
-    matching = [(p, v) for p, v in candidates if _matches(v, wanted)]
-    if uv and (not matching or len(wanted) < 3):
-        found = _uv_find(uv, request, allow_downloads and not matching)
-        version = _probe(found) if found else None
-        if found and version and _matches(version, wanted):
-            matching.append((found, version))
-    if not matching:
-        return None
-    path, version = max(matching, key=lambda pv: _version_tuple(pv[1]))
-    return Interpreter(path, version)
-
-
-def resolve_uv(uv_bin: str | None = None) -> str | None:
-    """The uv executable: ``uv_bin`` when given (None if it does not exist), else the bundled or PATH uv."""
-    if uv_bin:
-        return uv_bin if Path(uv_bin).is_file() else shutil.which(uv_bin)
-    try:
-        from uv import find_uv_bin
-
-        return find_uv_bin()
-    except (ImportError, FileNotFoundError):
-        return shutil.which("uv")
-
-
-def find_interpreter(
-    pythonver: str,
-    search_paths: Sequence[Path] = (),
-    allow_downloads: bool = False,
-    strict: bool = False,
-    *,
-    uv_bin: str | None = None,
-) -> Interpreter:
-    """Pick the newest installed interpreter whose version starts with ``pythonver`` (by component).
-
-    ``""`` and a bare major matching the runner's own interpreter give that interpreter. Blocking (it runs
-    probes and ``uv python find`` once per ``pythonver``; later calls are a dict lookup). Without a match:
-    ``InterpreterNotFound`` when ``strict``, else the runner's default with ``matched=False`` and a ``note``.
-    """
-    request = pythonver.strip()
-    cache_key = (request, tuple(str(p) for p in search_paths), allow_downloads, str(_pyenv_root()))
-    with _discovery_lock:
-        if cache_key not in _discovered:
-            _discovered[cache_key] = _discover(request, search_paths, allow_downloads, resolve_uv(uv_bin))
-        found = _discovered[cache_key]
-    if found is not None:
-        return found
-    reason = f"requested python {request}, none found"
-    if strict:
-        where = ", ".join(["uv", str(_pyenv_root() / "versions"), *map(str, search_paths)])
-        raise InterpreterNotFound(f"{reason} (searched {where}) and strict python selection is on")
-    default = default_interpreter()
-    return Interpreter(
-        default.path, default.version, matched=False, note=f"{reason}; using {default.version}"
-    )
 
 
 # --- locks and files ---------------------------------------------------------------------------------------
@@ -486,7 +310,7 @@ class EnvCache:
         return found
 
     def _uv_env(self) -> dict[str, str]:
-        env = _uv_env(allow_downloads=False)
+        env = uv_environment(allow_downloads=False)
         if self.uv_cache_dir is not None:
             env["UV_CACHE_DIR"] = str(self.uv_cache_dir)
         return env
