@@ -79,7 +79,7 @@ def test_example_file_documents_every_option_and_loads():
         assert f"# {option.name} = " in text, option.name
         assert f"env: {option.env}" in text
     committed = (ROOT / "config.example.toml").read_text()
-    assert committed.strip() == text.strip(), "config.example.toml is stale: run `studio-runner config-example`"
+    assert committed.strip() == text.strip(), "stale config.example.toml: run `studio-runner config-example`"
 
 
 def test_example_values_uncommented_are_valid(tmp_path):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support.runner import Sandbox, metadata_documents, read_member
 
 from studio_runner.submit import Submission, submit
-from support.runner import Sandbox, metadata_documents, read_member, sandbox  # noqa: F401
 
 
 def write_script(folder: Path, name: str, body: str) -> Path:

@@ -7,9 +7,8 @@ import json
 import textwrap
 
 import pytest
-
-from support.runner import Sandbox, metadata_documents, read_member, sandbox  # noqa: F401
-from support.studioml_client import local_mode_config, studio_run, studioml_bin  # noqa: F401
+from support.runner import Sandbox, metadata_documents, read_member
+from support.studioml_client import local_mode_config, studio_run
 
 pytestmark = pytest.mark.slow
 

@@ -6,24 +6,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 import tarfile
 import textwrap
 import uuid
 from pathlib import Path
 
 import pytest
-
-from support.rabbitmq import (  # noqa: F401
-    rabbitmq_url_fixture,
-    ready_count,
-    unique_queue_fixture,
-)
-from support.runner import REPO, Sandbox, sandbox  # noqa: F401
-from support.s3server import REGION, MotoS3, s3_server  # noqa: F401
-from support.studioml_client import studio_run, studioml_bin  # noqa: F401
+from support.rabbitmq import ready_count
+from support.runner import Sandbox
+from support.s3server import REGION, MotoS3
+from support.studioml_client import studio_run
 
 pytestmark = pytest.mark.slow
 

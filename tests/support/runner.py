@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.studioml_client import cache_root
 
 from studio_runner.storage.local import url_to_path
-from support.studioml_client import cache_root
 
 REPO = Path(__file__).resolve().parents[2]
 
