@@ -164,6 +164,7 @@ class ArtifactCache:
         if served:
             self.hits += 1
             self.bytes_served += info.size
+            log.debug("artifact cache hit: %s (%d bytes)", key, info.size)
         return served
 
     # -- misses --------------------------------------------------------------------------------------------

@@ -208,3 +208,16 @@ def test_demo_command(tmp_path):
     docs = [json.loads(p.read_text()) for p in metadata_documents(store)]
     train = next(d for d in docs if d["studioml"]["experiment"]["key"] == "demo_metadata")
     assert train["experiment"]["epoch"] == 3 and train["experiment"]["finished"] is True
+
+
+def test_artifact_cache_serves_the_second_experiment(sandbox: Sandbox, tmp_path):
+    script = write_script(tmp_path / "same", "same.py", "print('from the cached workspace')\n")
+    queue(sandbox, script, "exp_cache_1")
+    queue(sandbox, script, "exp_cache_2")  # same directory: the same content-addressed workspace blob
+    cache = tmp_path / "artifact-cache"
+    result = sandbox.run_once(CACHE_DIR=str(cache), CACHE_SIZE="1GiB")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("artifact cache hit") == 1
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
+    for key in ("exp_cache_1", "exp_cache_2"):
+        assert "from the cached workspace" in sandbox.output_text(key)

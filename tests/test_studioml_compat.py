@@ -1,0 +1,317 @@
+"""What the real StudioML 0.0.49 client sends beyond a plain ``studio run``, run by the real runner CLI.
+
+Each test submits over RabbitMQ + S3 (moto) the way the client does, runs ``studio-runner run --once`` and
+checks the experiment's results in the bucket and an empty queue:
+
+* extra ``pythonenv`` packages from the client library (``submit_experiments(..., python_pkg=[...])``);
+* extra data artifacts: ``--capture-once`` (immutable input), ``--capture`` (mutable, comes back) and
+  ``--reuse`` (another experiment's workspace, sent without credentials);
+* an artifact given only by an ``http://`` URL;
+* a completion-service task whose ``retval`` is read back with the client's own artifact code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import tarfile
+import textwrap
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.rabbitmq import publish_like_studioml, ready_count
+from support.runner import Sandbox, sandbox  # noqa: F401
+from support.s3server import REGION, MotoS3, s3_open_server  # noqa: F401
+from support.studioml_client import cache_root, studio_run, studioml_bin  # noqa: F401
+from test_studioml_rabbitmq import Deployment, deployment  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+EXTRA_PACKAGE = "tabulate==0.9.0"  # pure Python, not in the client's pip freeze
+
+
+def client_python(studioml_bin: Path, code: str, *args: str, cwd: Path, home: Path) -> str:
+    """Run ``code`` with the client venv's interpreter (as the experimenter would); returns its stdout."""
+    env = dict(os.environ, STUDIOML_HOME=str(home))
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([str(studioml_bin / "python"), "-c", code, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def project_dir(base: Path, name: str, files: dict[str, str]) -> Path:
+    folder = base / name
+    folder.mkdir(parents=True)
+    for rel, text in files.items():
+        (folder / rel).write_text(textwrap.dedent(text))
+    return folder
+
+
+def tar_members(deployment: Deployment, key: str) -> dict[str, bytes | None]:
+    """Member name -> content (None for directories) of the tar at ``key`` in the deployment's bucket."""
+    body = deployment.s3.get_object(Bucket=deployment.bucket, Key=key)["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        return {m.name: (tar.extractfile(m).read() if m.isfile() else None)  # type: ignore[union-attr]
+                for m in tar.getmembers()}
+
+
+def assert_ran(deployment: Deployment, result: subprocess.CompletedProcess[str], *keys: str) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for key in keys:
+        assert deployment.metadata(key)["studioml"]["outcome"]["status"] == "success"
+    assert ready_count(deployment.amqp_url, deployment.queue) == 0
+
+
+# --------------------------------------------------------------------------- 1. extra pythonenv packages
+
+# studio-run's own code builds the experiment; only submit_experiments gets python_pkg, as a library caller's
+# would (the CLI's --python-pkg is parsed and dropped by 0.0.49).
+_SUBMIT_WITH_PACKAGES = """
+import functools, json, sys
+from studio import experiment_submitter, runner
+runner.submit_experiments = functools.partial(experiment_submitter.submit_experiments,
+                                              python_pkg=json.loads(sys.argv[1]))
+runner.main(sys.argv[2:])
+"""
+
+
+def test_python_pkg_from_submit_experiments_is_installed(deployment: Deployment, sandbox: Sandbox,
+                                                         studioml_bin: Path, tmp_path: Path):
+    probe = subprocess.run([str(studioml_bin / "python"), "-c", "import tabulate"], capture_output=True)
+    assert probe.returncode != 0, "the client venv has tabulate: it would not prove an extra package"
+    project = project_dir(tmp_path, "project", {"uses_tabulate.py": """\
+        import tabulate
+        print("tabulate", tabulate.__version__, "from", tabulate.__file__)
+        print(tabulate.tabulate([["answer", 42]], headers=["name", "value"], tablefmt="github"))
+        """})
+    key = f"client_pkg_{uuid.uuid4().hex[:12]}"
+    client_python(studioml_bin, _SUBMIT_WITH_PACKAGES, json.dumps([EXTRA_PACKAGE]),
+                  "--config", str(deployment.config), f"--experiment={key}", f"--queue={deployment.queue}",
+                  "uses_tabulate.py", cwd=project, home=tmp_path / "home")
+    assert ready_count(deployment.amqp_url, deployment.queue) == 1
+
+    result = deployment.run_runner(sandbox)
+    assert_ran(deployment, result, key)
+    output = deployment.member(f"experiments/{key}/output.tar", "output")
+    line = next(x for x in output.splitlines() if x.startswith("tabulate "))
+    version, origin = line.split()[1], line.split(" from ", 1)[1]
+    assert version == EXTRA_PACKAGE.split("==")[1]
+    assert origin.startswith(str(cache_root() / "envs")), origin  # the runner's built env, not ours
+    assert "| answer |      42 |" in output
+
+
+# --------------------------------------------------------------------------- 2. data artifacts
+
+
+def test_capture_once_capture_and_reuse(deployment: Deployment, sandbox: Sandbox, studioml_bin: Path,
+                                        tmp_path: Path):
+    home = tmp_path / "home"
+    earlier = project_dir(tmp_path, "earlier", {
+        "prev.py": 'print("earlier experiment ran")\n',
+        "marker.txt": "from the earlier workspace\n",
+    })
+    prev_key = studio_run(studioml_bin, deployment.config, home, earlier, f"--queue={deployment.queue}",
+                          "prev.py")
+    data = project_dir(tmp_path, "data", {"input.txt": "immutable input 7\n"})
+    results = project_dir(tmp_path, "results", {"seed.txt": "seeded by the client\n"})
+    project = project_dir(tmp_path, "project", {"hello.py": """\
+        import os
+        print("data:", open("../data/input.txt").read().strip())
+        print("reused:", open("../prev_workspace/marker.txt").read().strip())
+        print("results before:", sorted(os.listdir("../results")))
+        with open("../results/result.txt", "w") as handle:
+            handle.write("computed from " + open("../data/input.txt").read().split()[-1])
+        """})
+    key = studio_run(studioml_bin, deployment.config, home, project, f"--queue={deployment.queue}",
+                     f"--capture-once={data}:data", f"--capture={results}:results",
+                     f"--reuse={prev_key}/workspace:prev_workspace", "hello.py")
+    assert ready_count(deployment.amqp_url, deployment.queue) == 2
+
+    result = deployment.run_runner(sandbox)
+    assert_ran(deployment, result, prev_key, key)
+    output = deployment.member(f"experiments/{key}/output.tar", "output")
+    assert "data: immutable input 7" in output
+    # --reuse sends the artifact with no credentials at all: the runner used config.storage's (same endpoint)
+    assert "reused: from the earlier workspace" in output
+    members = tar_members(deployment, f"experiments/{key}/results.tar")
+    assert members["result.txt"] == b"computed from 7"
+    assert members.get("seed.txt") == b"seeded by the client\n", sorted(members)
+    assert "results before: ['seed.txt']" in output
+
+
+# --------------------------------------------------------------------------- 3. URL-only artifact
+
+
+def test_url_only_artifact_is_fetched_over_http(deployment: Deployment, sandbox: Sandbox, studioml_bin: Path,
+                                               s3_open_server: MotoS3, tmp_path: Path):
+    public = s3_open_server.client()
+    bucket = f"pub-{uuid.uuid4().hex[:12]}"
+    public.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+    public.put_object(Bucket=bucket, Key="datasets/url-data.txt", Body=b"served over plain http\n",
+                      ACL="public-read")
+    url = f"{s3_open_server.http_url}/{bucket}/datasets/url-data.txt"
+    with urllib.request.urlopen(url, timeout=10) as response:  # anonymous, like the runner's GET
+        assert response.read() == b"served over plain http\n"
+    project = project_dir(tmp_path, "project", {"hello.py": """\
+        import os
+        print("urldata dir:", sorted(os.listdir("../urldata")))
+        print("urldata:", open("../urldata/url-data.txt").read().strip())
+        """})
+    key = studio_run(studioml_bin, deployment.config, tmp_path / "home", project,
+                     f"--queue={deployment.queue}", f"--capture-once={url}:urldata", "hello.py")
+
+    result = deployment.run_runner(sandbox)
+    assert_ran(deployment, result, key)
+    output = deployment.member(f"experiments/{key}/output.tar", "output")
+    assert "urldata dir: ['url-data.txt']" in output
+    assert "urldata: served over plain http" in output
+
+
+# --------------------------------------------------------------------------- 4. completion service
+
+# The stub studioml 0.0.49 ships calls names its own package no longer has (logs.get_logger, util.rm_rf,
+# artifacts_tracker.get_experiment). The fixture's harness ran it with a shim on PYTHONPATH; this one travels
+# in the workspace and is put on PYTHONPATH by config.env.
+_COMPAT_SITECUSTOMIZE = '''\
+"""studioml 0.0.49's completion_service_client.py needs these names back."""
+from studio import logs, util
+from studio.artifacts import artifacts_tracker
+from studio.util import util as _util
+
+logs.get_logger = logs.getLogger
+util.rm_rf = _util.rm_rf
+artifacts_tracker.get_experiment = artifacts_tracker.get_artifact
+'''
+
+_TASK = """\
+import os
+
+
+def clientFunction(args, files):
+    return {"sum": sum(args["numbers"]), "greeting": args["greeting"].upper(), "files": sorted(files),
+            "cwd": os.path.basename(os.getcwd())}
+"""
+
+# The package directory is found without importing it: as shipped it does not import (studio.util lacks
+# rsync_cp), which is also why this test builds the task message itself.
+_CLIENT_FACTS = """
+import importlib.util, json, os
+from studio.dependencies_policies.studio_dependencies_policy import StudioDependencyPolicy
+studio_dir = importlib.util.find_spec("studio").submodule_search_locations[0]
+print(json.dumps({"pythonenv": StudioDependencyPolicy().generate({}),
+                  "package_dir": os.path.join(studio_dir, "completion_service")}))
+"""
+
+# What CompletionService.getResultsWithTimeout does with the retval artifact once the experiment is back:
+# db.get_artifact(...) (download + the client's untar_artifact), then open() the path and unpickle it.
+_CLIENT_READ_RETVAL = """
+import json, os, pickle, sys
+from studio import model
+from studio.artifacts.artifact import Artifact
+config = model.get_config(sys.argv[1])
+with model.get_db_provider(config) as db:
+    path = db.get_artifact(Artifact("retval", json.loads(sys.argv[2])))
+facts = {"path": path, "isfile": os.path.isfile(path), "isdir": os.path.isdir(path)}
+if facts["isdir"]:
+    facts["listing"] = sorted(os.listdir(path))
+try:
+    with open(path, "rb") as handle:
+        facts["value"] = pickle.load(handle)
+except Exception as exc:
+    facts["error"] = repr(exc)
+print(json.dumps(facts))
+"""
+
+
+def _client_facts(studioml_bin: Path, tmp_path: Path) -> dict[str, Any]:
+    return json.loads(client_python(studioml_bin, _CLIENT_FACTS, cwd=tmp_path, home=tmp_path / "home"))
+
+
+def _tar_single_file(path: Path) -> bytes:
+    """A single-file artifact packed the way the client's ``_tar_artifact_single_file`` does: ``./<name>``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(path, "./" + path.name)
+    return buffer.getvalue()
+
+
+def _tar_directory(path: Path) -> bytes:
+    """A directory artifact packed the way the client's ``_tar_artifact_directory`` does: bare names."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in os.listdir(path):
+            tar.add(path / name, arcname=name)
+    return buffer.getvalue()
+
+
+def test_completion_service_task_retval_read_by_client(deployment: Deployment, sandbox: Sandbox,
+                                                      studioml_bin: Path, tmp_path: Path):
+    facts = _client_facts(studioml_bin, tmp_path)
+    assert any(p.lower() == "studioml==0.0.49" for p in facts["pythonenv"])
+    project = f"completion_service_{uuid.uuid4().hex[:10]}"
+    key = f"{project}_0"
+    home = tmp_path / "home"
+
+    # The workspace is what submitTaskWithFiles rsyncs: the client's completion_service directory.
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    for source in Path(facts["package_dir"]).glob("*.py"):
+        shutil.copy(source, workspace / source.name)
+    (workspace / "_studio_compat").mkdir()
+    (workspace / "_studio_compat" / "sitecustomize.py").write_text(_COMPAT_SITECUSTOMIZE)
+    task = tmp_path / "fanout_task.py"
+    task.write_text(_TASK)
+    args_file = tmp_path / f"{key}_args.pkl"
+    args_file.write_bytes(pickle.dumps({"numbers": [1, 2, 3, 4], "greeting": "hi"}, protocol=2))
+
+    endpoint, bucket = deployment.server.endpoint, deployment.bucket
+
+    def artifact(mutable: bool, object_key: str, local: Path, body: bytes | None) -> dict[str, Any]:
+        if body is not None:
+            deployment.s3.put_object(Bucket=bucket, Key=object_key, Body=body)
+        return {"unpack": True, "mutable": mutable, "key": object_key, "local": str(local),
+                "qualified": f"s3://{endpoint}/{bucket}/{object_key}", "bucket": bucket}
+
+    blob = f"blobstore/{uuid.uuid4().hex}"
+    artifacts = {  # as in completion_service.json: no credentials on any of them
+        "retval": artifact(True, f"experiments/{key}/retval.tar", home / "experiments" / key / "retval", None),
+        "clientscript": artifact(False, f"{blob}-clientscript.tar", task, _tar_single_file(task)),
+        "args": artifact(False, f"{blob}-args.tar", args_file, _tar_single_file(args_file)),
+        "workspace": artifact(False, f"{blob}-workspace.tar", workspace, _tar_directory(workspace)),
+    }
+    fixture = json.loads((Path(__file__).resolve().parents[2] / "shared" / "fixtures" /
+                          "completion_service.json").read_text())
+    creds = deployment.server.credentials
+    aws = {"access_key": creds.access_key, "secret_access_key": creds.secret_key, "region": REGION}
+    store = {"type": "s3", "endpoint": deployment.server.http_url, "credentials": {"aws": aws}}
+    experiment = dict(fixture["experiment"], key=key, project=project, time_added=time.time(),
+                      time_last_checkpoint=time.time(), pythonenv=facts["pythonenv"], artifacts=artifacts)
+    config = dict(fixture["config"],
+                  storage=dict(store, bucket=bucket), database=dict(store, bucket=f"{bucket}-db"),
+                  cloud={"queue": {"rmq": deployment.amqp_url}},
+                  env={"PYTHONPATH": "_studio_compat"})
+    assert experiment["filename"] == "completion_service_client.py"
+    publish_like_studioml(deployment.amqp_url, deployment.queue, {"experiment": experiment, "config": config})
+
+    result = deployment.run_runner(sandbox)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert ready_count(deployment.amqp_url, deployment.queue) == 0
+    members = tar_members(deployment, f"experiments/{key}/retval.tar")
+    assert len(members) == 1, sorted(members)
+
+    read = json.loads(client_python(studioml_bin, _CLIENT_READ_RETVAL, str(deployment.config),
+                                    json.dumps(artifacts["retval"]), cwd=tmp_path, home=home))
+    assert read["isfile"], f"the client got {read} from retval.tar members {sorted(members)}"
+    value = read["value"]
+    assert value["sum"] == 10 and value["greeting"] == "HI" and value["cwd"] == "workspace"
+    assert {"args", "clientscript"} <= set(value["files"])
