@@ -335,19 +335,46 @@ class _Exactly:
         return data
 
 
-def pack_dir(src: Path, out: Path, key: str) -> None:
+SINGLE_FILE_LABELS = frozenset({"retval"})
+"""Artifacts the client reads back as one file, not a directory (spec README, "Single-file artifacts").
+
+The completion-service stub writes its result to ``../retval/retval`` under a runner, and the client's
+``untar_artifact`` turns a tar back into a file only when its sole member is ``./<name>`` (what its own
+``_tar_artifact_single_file`` writes); with Go's bare ``retval`` the client gets a directory and
+``CompletionService.getResults`` never returns. ``output`` keeps Go's bare name: the client's only reader of
+it (the log tail) takes the first member whatever its name, and existing consumers expect ``output``.
+"""
+
+
+def _single_file_name(src: Path, label: str | None) -> str | None:
+    """``label`` when ``src`` holds exactly one entry, a regular file named ``label``; else None."""
+    if label is None:
+        return None
+    try:
+        if os.listdir(src) != [label] or not stat.S_ISREG(os.lstat(os.path.join(src, label)).st_mode):
+            return None
+    except OSError:
+        return None
+    return label
+
+
+def pack_dir(src: Path, out: Path, key: str, single_file: str | None = None) -> None:
     """Tar the contents of ``src`` into ``out``, compressed by ``key``'s extension (lifecycle.md §8).
 
+    Members have bare relative names (``output.tar`` holds ``output``), except that when ``src`` holds only
+    a regular file named ``single_file`` it is stored as ``./<single_file>``, the client's single-file form
+    (see :data:`SINGLE_FILE_LABELS`); a reader that unpacks into a directory gets the same file either way.
     Files that vanish while packing are left out; a file that changes size keeps its stat size (see
     :class:`_Exactly`); sockets, FIFOs and devices are skipped.
     """
     mode, options = _tar_write_mode(key)
+    lone = _single_file_name(src, single_file)
     with tarfile.open(out, mode, copybufsize=_CHUNK, **options) as tf:  # type: ignore[call-overload]
         added: set[str] = set()
         for rel in _entries(src):
             full = os.path.join(src, rel)
             try:
-                info = tf.gettarinfo(full, arcname=rel)
+                info = tf.gettarinfo(full, arcname="./" + rel if rel == lone else rel)
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -456,9 +483,9 @@ async def fetch_artifact(
         blob = scratch / "object"
         try:
             if cache is not None and not artifact.mutable:
-                await cache.fetch(store, url, artifact.credentials, blob)
+                await cache.fetch(store, url, artifact.access_credentials, blob)
             else:
-                await store.get(url, blob, artifact.credentials)
+                await store.get(url, blob, artifact.access_credentials)
         except ObjectNotFound:
             if artifact.mutable:
                 return False
@@ -483,7 +510,7 @@ async def fetch_artifact(
 
 
 def _prepare_upload(
-    label_dir: Path, scratch_parent: Path, key: str, previous: str | None
+    label_dir: Path, scratch_parent: Path, key: str, previous: str | None, single_file: str | None = None
 ) -> tuple[str | None, Path | None]:
     """(fingerprint, packed file or None); fingerprint taken first so changes made while packing count."""
     if not label_dir.is_dir():
@@ -494,7 +521,7 @@ def _prepare_upload(
     scratch = _scratch_dir(scratch_parent)
     packed = scratch / "artifact.tar"
     try:
-        pack_dir(label_dir, packed, key)
+        pack_dir(label_dir, packed, key, single_file)
     except BaseException:
         _tidy(scratch)
         raise
@@ -518,12 +545,13 @@ async def upload_artifact(
     store = stores.for_url(url)
     key = artifact.key or urlsplit(url).path
     fingerprint, packed = await trio.to_thread.run_sync(
-        _prepare_upload, label_dir, expdir / ".uploads", key, previous_fingerprint
+        _prepare_upload, label_dir, expdir / ".uploads", key, previous_fingerprint,
+        artifact.label if artifact.label in SINGLE_FILE_LABELS else None,
     )
     if packed is None:
         return fingerprint
     try:
-        await store.put(packed, url, artifact.credentials)
+        await store.put(packed, url, artifact.access_credentials)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_tidy, packed.parent)

@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import trio
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
 
 from studio_runner import artifacts, metadata, process
 from studio_runner.envs import EnvCache
@@ -184,22 +188,27 @@ class Executor:
             output.write(metadata.note_line("events", dict(events)))
 
         abort.attach(record)
+        fault: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
                 # Before the process starts, an abort simply cancels downloads and the env build; once it
-                # runs, _run_process stops it gracefully instead.
+                # runs, _run_process stops it gracefully instead. Errors are caught inside the nursery so
+                # they are not wrapped in an exception group.
                 nursery.start_soon(_cancel_unless_running, abort, nursery.cancel_scope)
-                await self._attempt(request, expdir, output, sync, outcome, attempt, abort)
+                try:
+                    await self._attempt(request, expdir, output, sync, outcome, attempt, abort)
+                except Exception as exc:
+                    fault = _unwrap(exc)
                 nursery.cancel_scope.cancel()
-            if abort.event.is_set() and outcome.status not in ("success", "timeout", "aborted"):
+            if isinstance(fault, RunnerError):
+                self._record_fault(fault, output, outcome)
+            elif fault is not None:  # a bug of ours must not lose the message: hand it back
+                log.error("internal error while running %s", exp.key, exc_info=fault)
+                output.note(f"internal runner error: {type(fault).__name__}: {redactor.mask(str(fault))}")
+                outcome.status, outcome.action = "retry", "nack"
+                outcome.reason = f"internal error: {type(fault).__name__}"
+            elif abort.event.is_set() and outcome.status not in ("success", "timeout", "aborted"):
                 self._record_abort(abort, output, outcome)
-        except RunnerError as exc:
-            self._record_fault(exc, output, outcome)
-        except Exception as exc:  # a bug of ours must not lose the message: hand it back
-            log.exception("internal error while running %s", exp.key)
-            output.note(f"internal runner error: {type(exc).__name__}: {redactor.mask(str(exc))}")
-            outcome.status, outcome.action = "retry", "nack"
-            outcome.reason = f"internal error: {type(exc).__name__}"
         finally:
             with trio.CancelScope(shield=True):
                 await self._finish(sync, output, outcome, expdir)
@@ -401,7 +410,7 @@ class ArtifactSync:
         for path in sorted(folder.rglob("*")):
             if path.is_file() and not path.name.startswith("."):  # dot-files are writes in progress
                 url = metadata_object_url(artifact, path.relative_to(folder).as_posix())
-                await self.s.stores.for_url(url).put(path, url, artifact.credentials)
+                await self.s.stores.for_url(url).put(path, url, artifact.access_credentials)
                 if path.name == self.scrape_name:
                     self.metadata_url = url
 
@@ -499,6 +508,16 @@ async def _cancel_unless_running(abort: Abort, scope: trio.CancelScope) -> None:
     await abort.event.wait()
     if not abort.process_running:
         scope.cancel()
+
+
+def _unwrap(exc: Exception) -> Exception:
+    """The one real error inside (nested) single-member exception groups, so its disposition is seen."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        inner = exc.exceptions[0]
+        if not isinstance(inner, Exception):
+            break
+        exc = inner
+    return exc
 
 
 def _free_bytes(path: Path) -> int:

@@ -26,7 +26,7 @@ import json
 import math
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -59,11 +59,21 @@ class Artifact:
     url: str | None = None
     bucket: str | None = None
     credentials: Credentials | None = None
+    """As sent (None when the artifact carries none)."""
+    storage_credentials: Credentials | None = field(default=None, compare=False, repr=False)
+    """``config.storage``'s key pair, set only when ``credentials`` is None and ``qualified`` is an ``s3://``
+    URL on the same host and port as ``config.storage.endpoint``: the client sends ``--reuse`` artifacts and
+    completion-service tasks without credentials of their own, although they live in that very store."""
 
     @property
     def locator(self) -> str | None:
         """Where to fetch/put the object: ``qualified`` wins, then ``url``."""
         return self.qualified or self.url
+
+    @property
+    def access_credentials(self) -> Credentials | None:
+        """The key pair to use for this artifact: its own, else the storage's (same endpoint), else none."""
+        return self.credentials or self.storage_credentials
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,7 @@ def parse_request(body: bytes | str) -> Request:
     elif not isinstance(config_doc, dict):
         _fail(("config",), "must be an object", config_doc)
     config = _config(config_doc, warnings)
+    experiment = _with_storage_credentials(experiment, config.storage)
     return Request(experiment=experiment, config=config, raw=doc, warnings=warnings)
 
 
@@ -467,6 +478,36 @@ def _credentials(doc: Any, path: Path) -> Credentials | None:
     if access_key is None or secret_key is None:
         _fail((*path, "aws"), "needs both access_key and secret_access_key")
     return Credentials(access_key, secret_key, fields.get("session_token"), fields.get("region"))
+
+
+def _endpoint_host(endpoint: str) -> str:
+    """``host:port`` (lower case) of an endpoint written with or without a scheme; "" when unreadable."""
+    try:
+        return urlsplit(endpoint if "://" in endpoint else f"//{endpoint}").netloc.rpartition("@")[2].lower()
+    except ValueError:
+        return ""
+
+
+def _with_storage_credentials(experiment: Experiment, storage: dict[str, Any]) -> Experiment:
+    """Give ``s3://`` artifacts that came without credentials those of ``config.storage`` when they live on
+    its endpoint (``Artifact.storage_credentials``). A malformed storage block simply gives none."""
+    endpoint = storage.get("endpoint")
+    if not isinstance(endpoint, str) or not _endpoint_host(endpoint):
+        return experiment
+    try:
+        creds = _credentials(storage.get("credentials"), ("config", "storage", "credentials"))
+    except RequestInvalid:
+        return experiment
+    if creds is None:
+        return experiment
+    host = _endpoint_host(endpoint)
+    artifacts = dict(experiment.artifacts)
+    for label, artifact in experiment.artifacts.items():
+        qualified = artifact.qualified or ""
+        if artifact.credentials is None and qualified[:5].lower() == "s3://" \
+                and _endpoint_host(qualified) == host:
+            artifacts[label] = replace(artifact, storage_credentials=creds)
+    return replace(experiment, artifacts=artifacts)
 
 
 # --- config ---------------------------------------------------------------------------------------------

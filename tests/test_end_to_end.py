@@ -221,3 +221,18 @@ def test_artifact_cache_serves_the_second_experiment(sandbox: Sandbox, tmp_path)
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
     for key in ("exp_cache_1", "exp_cache_2"):
         assert "from the cached workspace" in sandbox.output_text(key)
+
+
+def test_missing_workspace_is_retried_then_set_aside(sandbox: Sandbox, tmp_path):
+    script = write_script(tmp_path / "gone", "gone.py", "print('never runs')\n")
+    request = queue(sandbox, script, "exp_missing_input")
+    workspace = request["experiment"]["artifacts"]["workspace"]["qualified"]
+    Path(workspace.removeprefix("file://")).unlink()  # the input vanished from storage
+    result = sandbox.run_once(MAX_ATTEMPTS="3")
+    assert result.stderr.count("experiment exp_missing_input from local local_e2e (attempt") == 3
+    aside = sandbox.set_aside("local_e2e")
+    reason = next(p for p in aside if p.name.endswith(".reason.txt")).read_text()
+    assert "not found" in reason and "gave up after 3 attempts" in reason
+    output = sandbox.output_text("exp_missing_input")
+    assert "failed when downloading user data" in output and "never runs" not in output
+    assert sandbox.pending("local_e2e") == []

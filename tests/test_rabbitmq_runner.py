@@ -27,23 +27,20 @@ from typing import Any
 
 import psutil
 import pytest
-
-from studio_runner.queues.rmq_link import ATTEMPT_HEADER, QUEUE_HEADER, REASON_HEADER, SET_ASIDE_QUEUE
-from studio_runner.submit import Submission, build_request
-from support.rabbitmq import (  # noqa: F401
+from support.rabbitmq import (
     broker_problem,
     channel,
     declare_like_studioml,
     delete_queue,
     publish_like_studioml,
-    rabbitmq_url_fixture,
     ready_count,
     short_consumer_timeout,
-    unique_queue_fixture,
-    wait_ready_count,
 )
 from support.runner import REPO, Sandbox
-from support.s3server import REGION, MotoS3, s3_server  # noqa: F401
+from support.s3server import REGION, MotoS3
+
+from studio_runner.queues.rmq_link import ATTEMPT_HEADER, QUEUE_HEADER, REASON_HEADER, SET_ASIDE_QUEUE
+from studio_runner.submit import Submission, build_request
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +48,7 @@ WAIT = 120.0
 """Generous bound for anything the runner does by itself (claim, env build, upload)."""
 
 
-# --- set-up helpers ----------------------------------------------------------------------------------------
+# --- set-up helpers -----------------------------------------------------------------------------------------
 
 
 def write_script(folder: Path, body: str, name: str = "exp.py") -> Path:
@@ -144,7 +141,8 @@ class Runner:
             text = self.log()
             if check(text):
                 return text
-            assert self.proc.poll() is None, f"runner exited ({self.proc.returncode}) before {what}:\n{text[-6000:]}"
+            assert self.proc.poll() is None, \
+                f"runner exited ({self.proc.returncode}) before {what}:\n{text[-6000:]}"
             assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{text[-6000:]}"
             time.sleep(0.1)
 
@@ -198,7 +196,7 @@ def start_runner(deployment: Deployment, tmp_path: Path) -> Iterator[Callable[..
 
 
 def summaries(log: str, key: str) -> list[str]:
-    """The supervisor's one line per finished attempt of ``key``: ``experiment <key> on <queue>: <status> ..``."""
+    """One supervisor line per finished attempt of ``key``: ``experiment <key> on <queue>: <status> ...``."""
     return re.findall(rf"experiment {re.escape(key)} on \S+: (\w+)", log)
 
 
@@ -222,7 +220,7 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-# --- 1. crash safety ---------------------------------------------------------------------------------------
+# --- 1. crash safety ----------------------------------------------------------------------------------------
 
 
 def test_kill_9_runner_mid_experiment_then_the_other_runner_completes_it(deployment: Deployment,
@@ -274,7 +272,7 @@ def test_kill_9_runner_mid_experiment_then_the_other_runner_completes_it(deploym
     assert ready_count(deployment.amqp_url, deployment.queue) == 0  # nothing unacked came back either
 
 
-# --- 2. broker restart -------------------------------------------------------------------------------------
+# --- 2. broker restart --------------------------------------------------------------------------------------
 
 
 def restart_broker(amqp_url: str) -> None:
@@ -346,7 +344,7 @@ def test_broker_restart_mid_experiment(deployment: Deployment, start_runner, tmp
     assert ready_count(deployment.amqp_url, deployment.queue) == 0
 
 
-# --- 3. consumer timeout -----------------------------------------------------------------------------------
+# --- 3. consumer timeout ------------------------------------------------------------------------------------
 
 
 def test_consumer_timeout_takes_the_message_back_while_the_experiment_runs(deployment: Deployment,
@@ -399,7 +397,7 @@ def test_consumer_timeout_takes_the_message_back_while_the_experiment_runs(deplo
     assert ready_count(deployment.amqp_url, deployment.queue) == 0
 
 
-# --- 4. deleting the queue aborts ----------------------------------------------------------------------------
+# --- 4. deleting the queue aborts ---------------------------------------------------------------------------
 
 
 def test_deleting_the_queue_aborts_its_experiment(deployment: Deployment, start_runner, tmp_path: Path):
@@ -439,7 +437,7 @@ def test_deleting_the_queue_aborts_its_experiment(deployment: Deployment, start_
     assert "Traceback" not in runner.log()
 
 
-# --- 5. malformed messages -----------------------------------------------------------------------------------
+# --- 5. malformed messages ----------------------------------------------------------------------------------
 
 
 def take_set_aside(amqp_url: str, queue: str) -> list[tuple[Any, bytes]]:
@@ -481,7 +479,7 @@ def test_malformed_messages_are_set_aside_and_the_next_one_runs(deployment: Depl
 
     aside = take_set_aside(deployment.amqp_url, deployment.queue)
     assert sorted(body for _, body in aside) == sorted([not_json, not_a_request.encode()])
-    for props, body in aside:
+    for props, _body in aside:
         reason = props.headers[REASON_HEADER]
         assert reason.startswith("invalid: ") and len(reason) > len("invalid: "), reason
         assert props.headers[ATTEMPT_HEADER] == 1  # set aside on the first delivery, never redelivered
@@ -492,7 +490,7 @@ def test_malformed_messages_are_set_aside_and_the_next_one_runs(deployment: Depl
     assert "SHOULD-NOT-LEAK" not in log
 
 
-# --- re-runs ---------------------------------------------------------------------------------------------------
+# --- re-runs ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.xfail(strict=True, reason="executor bug: the mutable 'output' artifact of an earlier attempt is "

@@ -27,16 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from support.rabbitmq import publish_like_studioml, ready_count
-from support.runner import Sandbox, sandbox  # noqa: F401
-from support.s3server import REGION, MotoS3, s3_open_server  # noqa: F401
-from support.studioml_client import cache_root, studio_run, studioml_bin  # noqa: F401
-from test_studioml_rabbitmq import Deployment, deployment  # noqa: F401
+from support.runner import Sandbox
+from support.s3server import REGION, MotoS3
+from support.studioml_client import cache_root, studio_run
+from test_studioml_rabbitmq import Deployment
 
 pytestmark = pytest.mark.slow
 
 EXTRA_PACKAGE = "tabulate==0.9.0"  # pure Python, not in the client's pip freeze
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+@pytest.fixture
+def deployment(s3_server: MotoS3, rabbitmq_url: str, unique_queue: str, tmp_path: Path) -> Deployment:
+    return Deployment(s3_server, rabbitmq_url, unique_queue, tmp_path)
 
 
 def client_python(studioml_bin: Path, code: str, *args: str, cwd: Path, home: Path) -> str:
@@ -123,7 +128,7 @@ def test_capture_once_capture_and_reuse(deployment: Deployment, sandbox: Sandbox
     prev_key = studio_run(studioml_bin, deployment.config, home, earlier, f"--queue={deployment.queue}",
                           "prev.py")
     data = project_dir(tmp_path, "data", {"input.txt": "immutable input 7\n"})
-    results = project_dir(tmp_path, "results", {"seed.txt": "seeded by the client\n"})
+    results = project_dir(tmp_path, "results", {"local.txt": "the client does not upload mutable dirs\n"})
     project = project_dir(tmp_path, "project", {"hello.py": """\
         import os
         print("data:", open("../data/input.txt").read().strip())
@@ -136,6 +141,14 @@ def test_capture_once_capture_and_reuse(deployment: Deployment, sandbox: Sandbox
                      f"--capture-once={data}:data", f"--capture={results}:results",
                      f"--reuse={prev_key}/workspace:prev_workspace", "hello.py")
     assert ready_count(deployment.amqp_url, deployment.queue) == 2
+    results_key = f"experiments/{key}/results.tar"
+    assert results_key not in deployment.keys("experiments/")  # the client uploads no mutable artifact
+    seed = io.BytesIO()  # what an earlier attempt would have left: it must be downloaded and kept
+    with tarfile.open(fileobj=seed, mode="w") as tar:
+        info = tarfile.TarInfo("seed.txt")
+        info.size = len(b"from an earlier attempt\n")
+        tar.addfile(info, io.BytesIO(b"from an earlier attempt\n"))
+    deployment.s3.put_object(Bucket=deployment.bucket, Key=results_key, Body=seed.getvalue())
 
     result = deployment.run_runner(sandbox)
     assert_ran(deployment, result, prev_key, key)
@@ -143,10 +156,9 @@ def test_capture_once_capture_and_reuse(deployment: Deployment, sandbox: Sandbox
     assert "data: immutable input 7" in output
     # --reuse sends the artifact with no credentials at all: the runner used config.storage's (same endpoint)
     assert "reused: from the earlier workspace" in output
-    members = tar_members(deployment, f"experiments/{key}/results.tar")
-    assert members["result.txt"] == b"computed from 7"
-    assert members.get("seed.txt") == b"seeded by the client\n", sorted(members)
     assert "results before: ['seed.txt']" in output
+    members = tar_members(deployment, results_key)
+    assert members == {"result.txt": b"computed from 7", "seed.txt": b"from an earlier attempt\n"}
 
 
 # --------------------------------------------------------------------------- 3. URL-only artifact
@@ -208,7 +220,7 @@ _CLIENT_FACTS = """
 import importlib.util, json, os
 from studio.dependencies_policies.studio_dependencies_policy import StudioDependencyPolicy
 studio_dir = importlib.util.find_spec("studio").submodule_search_locations[0]
-print(json.dumps({"pythonenv": StudioDependencyPolicy().generate({}),
+print(json.dumps({"pythonenv": StudioDependencyPolicy().generate({"gpus": 0}),
                   "package_dir": os.path.join(studio_dir, "completion_service")}))
 """
 
@@ -262,9 +274,10 @@ def test_completion_service_task_retval_read_by_client(deployment: Deployment, s
     key = f"{project}_0"
     home = tmp_path / "home"
 
-    # The workspace is what submitTaskWithFiles rsyncs: the client's completion_service directory.
-    workspace = tmp_path / "workspace"
-    workspace.mkdir()
+    # The workspace is what submitTaskWithFiles rsyncs (to ~/.studioml/experiments/<key>/workspace, which
+    # is also where the client later puts retval): the client's completion_service directory.
+    workspace = home / "experiments" / key / "workspace"
+    workspace.mkdir(parents=True)
     for source in Path(facts["package_dir"]).glob("*.py"):
         shutil.copy(source, workspace / source.name)
     (workspace / "_studio_compat").mkdir()
@@ -284,13 +297,13 @@ def test_completion_service_task_retval_read_by_client(deployment: Deployment, s
 
     blob = f"blobstore/{uuid.uuid4().hex}"
     artifacts = {  # as in completion_service.json: no credentials on any of them
-        "retval": artifact(True, f"experiments/{key}/retval.tar", home / "experiments" / key / "retval", None),
+        "retval": artifact(True, f"experiments/{key}/retval.tar", home / "experiments" / key / "retval",
+                           None),
         "clientscript": artifact(False, f"{blob}-clientscript.tar", task, _tar_single_file(task)),
         "args": artifact(False, f"{blob}-args.tar", args_file, _tar_single_file(args_file)),
         "workspace": artifact(False, f"{blob}-workspace.tar", workspace, _tar_directory(workspace)),
     }
-    fixture = json.loads((Path(__file__).resolve().parents[2] / "shared" / "fixtures" /
-                          "completion_service.json").read_text())
+    fixture = json.loads((FIXTURES / "completion_service.json").read_text())
     creds = deployment.server.credentials
     aws = {"access_key": creds.access_key, "secret_access_key": creds.secret_key, "region": REGION}
     store = {"type": "s3", "endpoint": deployment.server.http_url, "credentials": {"aws": aws}}
@@ -307,11 +320,13 @@ def test_completion_service_task_retval_read_by_client(deployment: Deployment, s
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert ready_count(deployment.amqp_url, deployment.queue) == 0
     members = tar_members(deployment, f"experiments/{key}/retval.tar")
-    assert len(members) == 1, sorted(members)
 
     read = json.loads(client_python(studioml_bin, _CLIENT_READ_RETVAL, str(deployment.config),
                                     json.dumps(artifacts["retval"]), cwd=tmp_path, home=home))
+    # With Go's member name "retval" the client unpacks a directory and open() fails (IsADirectoryError):
+    # its untar_artifact restores a file only from a tar whose sole member is "./<name>".
     assert read["isfile"], f"the client got {read} from retval.tar members {sorted(members)}"
+    assert list(members) == ["./retval"]
     value = read["value"]
     assert value["sum"] == 10 and value["greeting"] == "HI" and value["cwd"] == "workspace"
     assert {"args", "clientscript"} <= set(value["files"])
