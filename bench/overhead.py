@@ -156,9 +156,11 @@ def rabbitmq_mode(args: argparse.Namespace) -> None:
 
     def one(key: str) -> tuple[float, float]:
         start = time.perf_counter()
-        subprocess.run([str(client_bin / "studio-run"), "--config", str(config), f"--experiment={key}",
-                        f"--queue={queue}", "trivial.py"], cwd=project, env=client_env, check=True,
-                       capture_output=True)
+        client = subprocess.run([str(client_bin / "studio-run"), "--config", str(config),
+                                 f"--experiment={key}", f"--queue={queue}", "trivial.py"],
+                                cwd=project, env=client_env, capture_output=True, text=True)
+        if client.returncode != 0:
+            raise SystemExit(f"studio run failed:\n{client.stdout[-2000:]}\n{client.stderr[-2000:]}")
         submitted = time.perf_counter()
         while True:
             try:

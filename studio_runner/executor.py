@@ -249,6 +249,8 @@ class Executor:
     async def _download(self, request: Request, expdir: Path, output: OutputLog, sync: ArtifactSync) -> None:
         budget = artifacts.DiskBudget(request.experiment.resources.hdd or _free_bytes(expdir))
         for label, artifact in sorted(request.experiment.artifacts.items()):
+            if label == "output":  # output/output is this attempt's own log, already open (Go truncates it)
+                continue
             try:
                 placed = await artifacts.fetch_artifact(
                     _with_fallback_credentials(artifact, request, self.s.allow_env_secrets),

@@ -26,8 +26,11 @@ log = logging.getLogger("studio_runner")
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "pika", "httpx", "httpcore"):
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # pika logs every failed reconnect with a traceback and every closed channel; the RabbitMQ backend
+    # reports those events itself, once and in plain words
+    logging.getLogger("pika").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
 
 
 def build_backends(settings: Settings, runner_id: str) -> list[QueueBackend]:

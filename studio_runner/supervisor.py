@@ -245,6 +245,7 @@ class Supervisor:
             if not exists:
                 log.warning("queue %s was deleted: aborting its experiment", queue)
                 abort.trigger(f"queue {queue} was deleted")
+                self._queues = [q for q in self._queues if q != (backend, queue)]  # until a rescan lists it
                 return
 
     async def _watch_claim(self, delivery: Delivery, key: str, abort: Abort) -> None:

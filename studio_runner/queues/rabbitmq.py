@@ -215,12 +215,10 @@ class RabbitMQQueue:
                 + _OPERATOR_FIX)
 
     async def discover(self) -> list[str]:
-        """Queues bound to ``StudioML.topic`` in our vhost (``[]`` while the management API is down)."""
+        """Queues bound to ``StudioML.topic`` in our vhost. Raises MgmtError while the management API is
+        down, so the supervisor keeps serving the queues it knew rather than dropping them all."""
         await self.start()
-        try:
-            bindings = await self._mgmt_call(self._mgmt.bindings, self.vhost)
-        except MgmtError:
-            return []
+        bindings = await self._mgmt_call(self._mgmt.bindings, self.vhost)
         return studio_queues(bindings)
 
     async def exists(self, queue: str) -> bool:
