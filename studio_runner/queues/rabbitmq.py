@@ -211,8 +211,8 @@ class RabbitMQQueue:
                     "run again elsewhere while this run continues")
         return (f"experiment deadline {_fmt_duration(seconds)} exceeds the RabbitMQ consumer timeout "
                 f"({_fmt_duration(limit)}), which this broker applies to every consumer: after that the "
-                "broker takes the message back and it may run again elsewhere while this run continues. "
-                + _OPERATOR_FIX)
+                "broker takes the message back and it may run again elsewhere while this run continues "
+                "(the start-up warning names the operator's fix)")
 
     async def discover(self) -> list[str]:
         """Queues bound to ``StudioML.topic`` in our vhost. Raises MgmtError while the management API is
