@@ -33,7 +33,7 @@ from studio_runner import artifacts, metadata, process
 from studio_runner.envs import EnvCache
 from studio_runner.errors import Disposition, RequestExpired, RunnerError
 from studio_runner.policies import Checkpoints, Deadline, Lifetime
-from studio_runner.redact import Redactor
+from studio_runner.redact import Redactor, is_secret_name
 from studio_runner.request import Artifact, Request
 from studio_runner.storage import Stores
 from studio_runner.storage.base import Credentials
@@ -111,6 +111,9 @@ class OutputLog:
             del self.tail[:-20]
         if self._on_line is not None:
             self._on_line(masked)
+
+    def use(self, redactor: Redactor) -> None:
+        self._redactor = redactor
 
     def note(self, text: str) -> None:
         """A runner remark inside the experiment's output, recognisable by its prefix."""
@@ -270,6 +273,10 @@ class Executor:
         tmpdir = expdir / "_runner" / "tmp"
         tmpdir.mkdir(parents=True, exist_ok=True)
         env = experiment_environment(os.environ, request, venv, expdir, self.s.root, tmpdir)
+        expanded = [env[name] for name, value in request.config.env.items()
+                    if is_secret_name(name) and env.get(name) and env[name] != value]
+        if expanded:  # %NAME% pulled a secret from the runner's environment: mask it too
+            output.use(Redactor([*request.secrets(), *expanded], credentials=request.credential_values()))
         started = time.time()
         deadline, limit_name = self.s.deadline.at(request, started)
         interval = self.s.checkpoints.interval(request)

@@ -37,6 +37,7 @@ def test_success_failure_and_metadata(sandbox: Sandbox, tmp_path):
         print(json.dumps([{"op": "replace", "path": "/experiment/epochs", "value": 12}]))
         print(json.dumps({"experiment": {"accuracy": 0.97}}))
         print("secret is", os.environ["MY_TOKEN"])
+        print("expanded", os.environ["RUNNER_API_TOKEN"])
         print("cuda", repr(os.environ["CUDA_VISIBLE_DEVICES"]), os.environ["STUDIOML_EXPERIMENT"])
         os.makedirs("../modeldir/sub", exist_ok=True)
         open("../modeldir/sub/weights.txt", "w").write("42")
@@ -47,14 +48,16 @@ def test_success_failure_and_metadata(sandbox: Sandbox, tmp_path):
         print("to stderr", file=sys.stderr)
         raise ValueError("broken on purpose")
         """)
-    queue(sandbox, ok, "exp_ok", args=["a b", "it's"], env={"MY_TOKEN": "tok-very-secret-123"})
+    queue(sandbox, ok, "exp_ok", args=["a b", "it's"],
+          env={"MY_TOKEN": "tok-very-secret-123", "RUNNER_API_TOKEN": "%HOST_SIDE_TOKEN%"})
     queue(sandbox, bad, "exp_bad")
-    result = sandbox.run_once()
+    result = sandbox.run_once(HOST_SIDE_TOKEN="from-the-runner-env-456")
     assert result.returncode == 1, result.stdout + result.stderr  # one experiment failed
 
     output = sandbox.output_text("exp_ok")
     assert "args ['a b', \"it's\"]" in output  # shell-quoted args are split back exactly
     assert "tok-very-secret-123" not in output and "secret is ****" in output
+    assert "from-the-runner-env-456" not in output and "expanded ****" in output
     assert "cuda ''" in output
     modeldir = sandbox.artifact("exp_ok", "modeldir")
     assert read_member(modeldir, "sub/weights.txt") == "42"
