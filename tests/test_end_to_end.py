@@ -239,3 +239,34 @@ def test_missing_workspace_is_retried_then_set_aside(sandbox: Sandbox, tmp_path)
     output = sandbox.output_text("exp_missing_input")
     assert "failed when downloading user data" in output and "never runs" not in output
     assert sandbox.pending("local_e2e") == []
+
+
+def test_checkpoints_upload_output_while_the_experiment_runs(sandbox: Sandbox, tmp_path):
+    release = tmp_path / "release"
+    script = write_script(tmp_path / "ckpt", "ckpt.py", f"""\
+        import os, pathlib, time
+        print("first half", flush=True)
+        os.makedirs("../modeldir", exist_ok=True)
+        pathlib.Path("../modeldir/epoch1.txt").write_text("1")
+        while not pathlib.Path({str(release)!r}).exists():
+            time.sleep(0.05)
+        print("second half")
+        """)
+    queue(sandbox, script, "exp_ckpt", save_workspace_frequency="1s")
+    runner = sandbox.start(MIN_CHECKPOINT_INTERVAL="1s")
+    try:
+        output_tar = sandbox.artifact("exp_ckpt", "output")
+        deadline = time.monotonic() + 120
+        while not (output_tar.exists() and "first half" in sandbox.output_text("exp_ckpt")):
+            assert runner.poll() is None and time.monotonic() < deadline, "no checkpoint while running"
+            time.sleep(0.1)
+        assert "second half" not in sandbox.output_text("exp_ckpt")  # uploaded mid-run
+        assert read_member(sandbox.artifact("exp_ckpt", "modeldir"), "epoch1.txt") == "1"
+        release.write_text("go")
+        while "second half" not in sandbox.output_text("exp_ckpt"):
+            assert runner.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        release.write_text("go")
+        runner.terminate()
+        runner.communicate(timeout=60)
