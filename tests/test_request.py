@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.fixtures import FIXTURES
 
 from studio_runner.errors import Disposition, RequestInvalid
 from studio_runner.redact import mask_mapping
 from studio_runner.request import Artifact, Request, Resources, is_envelope, parse_request
 from studio_runner.storage.base import Credentials
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 FIXTURE_FILES = sorted(p for p in FIXTURES.glob("*.json") if not p.name.endswith(".envelope.json"))
 ACCESS_KEY = "AKIAHARNESS000000000"
 SECRET_KEY = "harness/secret/key/not/real"

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.fixtures import FIXTURES
 from support.rabbitmq import publish_like_studioml, ready_count
 from support.runner import Sandbox
 from support.s3server import REGION, MotoS3
@@ -36,7 +37,6 @@ from test_studioml_rabbitmq import Deployment
 pytestmark = pytest.mark.slow
 
 EXTRA_PACKAGE = "tabulate==0.9.0"  # pure Python, not in the client's pip freeze
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 
 @pytest.fixture

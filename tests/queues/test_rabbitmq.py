@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from support.fixtures import FIXTURES
 from support.rabbitmq import (  # noqa: F401
     channel,
     close_connection_named,
@@ -42,7 +43,7 @@ from studio_runner.queues.rmq_mgmt import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURE = Path("/work/shared/fixtures/hello_plain.json")
+FIXTURE = FIXTURES / "hello_plain.json"
 BODY = FIXTURE.read_bytes() if FIXTURE.exists() else b'{"experiment": {"key": "k"}, "config": {}}'
 
 
