@@ -13,7 +13,7 @@ the directory is the experimenter's abort signal. The runner adds hidden directo
 Claim scheme (at-least-once, no servers, any number of runner processes on one host):
 
 1. Take the oldest regular file of ``<root>/<queue>/`` by mtime; skip the queue while the client's lock.lock
-   exists (unless stale), and skip files too young or not yet complete JSON (half-written) until they are old.
+   exists (unless stale), and skip files that are not yet complete JSON (half-written) until they are old.
 2. Lock it (``flock`` LOCK_EX|LOCK_NB on an open descriptor), then ``rename`` it into ``.inflight``: the
    rename picks the single winner, and the lock travels with the file because it belongs to the inode.
 3. The open, locked descriptor is the lease. Only a lock holder moves or deletes a message file: ack deletes
