@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from studio_runner.errors import Disposition, RequestExpired
+from studio_runner.errors import RequestExpired
 from studio_runner.request import Request
 
 
@@ -71,11 +71,10 @@ class Checkpoints:
 
 @dataclass(frozen=True)
 class Retries:
-    """What happens to a message after a runner-side fault: another attempt, or set aside after the last."""
+    """A message handed back after a runner-side fault gets another attempt, until ``max_attempts``."""
 
     max_attempts: int
 
-    def after(self, disposition: Disposition, attempt: int) -> Disposition:
-        if disposition is Disposition.RETRY and attempt >= self.max_attempts:
-            return Disposition.SET_ASIDE
-        return disposition
+    def gives_up(self, attempt: int) -> bool:
+        """True when ``attempt`` was the last one: set the message aside instead of handing it back."""
+        return attempt >= self.max_attempts

@@ -211,7 +211,7 @@ class Supervisor:
 
     async def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         action = outcome.action
-        if action == "nack" and delivery.attempt >= self.s.retries.max_attempts:
+        if action == "nack" and self.s.retries.gives_up(delivery.attempt):
             action = "set_aside"
             outcome.reason = f"{outcome.reason} (gave up after {delivery.attempt} attempts)"
         summary = f"{outcome.status} in {outcome.seconds:.1f}s" + (f": {outcome.reason}" if outcome.reason

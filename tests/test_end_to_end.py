@@ -270,3 +270,20 @@ def test_checkpoints_upload_output_while_the_experiment_runs(sandbox: Sandbox, t
         release.write_text("go")
         runner.terminate()
         runner.communicate(timeout=60)
+
+
+def test_a_queue_created_after_start_is_served(sandbox: Sandbox, tmp_path):
+    runner = sandbox.start(RESCAN_INTERVAL="0.5s")
+    try:
+        time.sleep(1.0)  # the runner has listed the (empty) queue root by now
+        script = write_script(tmp_path / "late", "late.py", "print('late queue served')\n")
+        submit(Submission(script=script, queue="local_late", experiment="exp_late"), sandbox.queue_root,
+               sandbox.store)
+        deadline = time.monotonic() + 60
+        while not sandbox.artifact("exp_late", "output").exists():
+            assert runner.poll() is None and time.monotonic() < deadline, "the new queue was not served"
+            time.sleep(0.1)
+        assert "late queue served" in sandbox.output_text("exp_late")
+    finally:
+        runner.terminate()
+        runner.communicate(timeout=60)
