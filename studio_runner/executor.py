@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -78,7 +78,7 @@ class ExecutorSettings:
     hostname: str
     stores: Stores
     env_cache: EnvCache
-    artifact_cache: Any = None
+    artifact_cache: artifacts.DownloadCache | None = None
     deadline: Deadline = field(default_factory=lambda: Deadline(96 * 3600.0))
     checkpoints: Checkpoints = field(default_factory=lambda: Checkpoints(60.0, 600.0))
     grace_period: float = 10.0
@@ -90,27 +90,19 @@ class ExecutorSettings:
 class OutputLog:
     """The experiment's ``output/output`` file: every line masked, written, scraped and debug-logged."""
 
-    def __init__(self, path: Path, redactor: Redactor, scraper: metadata.MetadataScraper, key: str,
-                 on_line: Callable[[str], None] | None = None) -> None:
+    def __init__(self, path: Path, redactor: Redactor, scraper: metadata.MetadataScraper, key: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._redactor = redactor
         self._scraper = scraper
         self._file: IO[str] = open(path, "a", encoding="utf-8", errors="replace")
         self._logger = logging.getLogger(f"studio_runner.experiment.{key[:40]}")
-        self.tail: list[str] = []
-        self._on_line = on_line
 
     def write(self, line: str) -> None:
         masked = self._redactor.mask(line)
         self._file.write(masked + "\n")
         self._scraper.feed(masked)
         self._logger.debug("%s", masked)
-        self.tail.append(masked)
-        if len(self.tail) > 20:
-            del self.tail[:-20]
-        if self._on_line is not None:
-            self._on_line(masked)
 
     def use(self, redactor: Redactor) -> None:
         self._redactor = redactor
@@ -162,8 +154,8 @@ class Executor:
         self.s = settings
         self.lifetime = Lifetime()
 
-    async def run(self, request: Request, *, queue: str = "", attempt: int = 1, abort: Abort | None = None,
-                  on_line: Callable[[str], None] | None = None) -> Outcome:
+    async def run(self, request: Request, *, queue: str = "", attempt: int = 1,
+                  abort: Abort | None = None) -> Outcome:
         """Run one attempt of ``request``. Never raises for experiment or runner faults: see Outcome."""
         exp = request.experiment
         abort = abort or Abort()
@@ -181,7 +173,7 @@ class Executor:
         expdir = self._make_expdir(exp.key)
         redactor = request.redactor()
         scraper = metadata.MetadataScraper(schema_logs=self.s.schema_logs)
-        output = OutputLog(expdir / "output" / "output", redactor, scraper, exp.key, on_line)
+        output = OutputLog(expdir / "output" / "output", redactor, scraper, exp.key)
         sync = ArtifactSync(self.s, request, expdir, output, scraper, attempt_id, now)
         events: dict[str, Any] = {}
 
@@ -491,8 +483,6 @@ def _with_fallback_credentials(artifact: Artifact, request: Request, allow_env_s
         return artifact
     env = request.config.env
     if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        from dataclasses import replace
-
         creds = Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
                             env.get("AWS_SESSION_TOKEN"), env.get("AWS_DEFAULT_REGION"))
         return replace(artifact, credentials=creds)
