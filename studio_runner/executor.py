@@ -157,6 +157,8 @@ class Executor:
     async def run(self, request: Request, *, queue: str = "", attempt: int = 1,
                   abort: Abort | None = None) -> Outcome:
         """Run one attempt of ``request``. Never raises for experiment or runner faults: see Outcome."""
+        if self.s.allow_env_secrets:
+            request = _with_env_credentials(request)
         exp = request.experiment
         abort = abort or Abort()
         now = time.time()
@@ -248,8 +250,7 @@ class Executor:
                 continue
             try:
                 placed = await artifacts.fetch_artifact(
-                    _with_fallback_credentials(artifact, request, self.s.allow_env_secrets),
-                    expdir, self.s.stores, budget,
+                    artifact, expdir, self.s.stores, budget,
                     cache=None if artifact.mutable else self.s.artifact_cache)
             except RunnerError as exc:
                 output.write("failed when downloading user data")
@@ -394,7 +395,6 @@ class ArtifactSync:
             for label, artifact in sorted(exp.artifacts.items()):
                 if not artifact.mutable or label == "_metadata" or not artifact.locator:
                     continue
-                artifact = _with_fallback_credentials(artifact, self.request, self.s.allow_env_secrets)
                 self.fingerprints[label] = await artifacts.upload_artifact(
                     artifact, self.expdir, self.s.stores, self.fingerprints.get(label))
             await self._upload_metadata()
@@ -407,7 +407,6 @@ class ArtifactSync:
         await trio.to_thread.run_sync(metadata.write_document_text, text, folder / self.scrape_name)
         if artifact is None or not artifact.mutable or not artifact.locator:
             return
-        artifact = _with_fallback_credentials(artifact, self.request, self.s.allow_env_secrets)
         for path in sorted(folder.rglob("*")):
             if path.is_file() and not path.name.startswith("."):  # dot-files are writes in progress
                 url = metadata_object_url(artifact, path.relative_to(folder).as_posix())
@@ -477,16 +476,17 @@ def experiment_environment(runner_env: Mapping[str, str], request: Request, venv
     return env
 
 
-def _with_fallback_credentials(artifact: Artifact, request: Request, allow_env_secrets: bool) -> Artifact:
-    """Artifacts without credentials may borrow the AWS key pair from config.env (--allow-env-secrets)."""
-    if artifact.credentials is not None or not allow_env_secrets:
-        return artifact
+def _with_env_credentials(request: Request) -> Request:
+    """With --allow-env-secrets, artifacts that carry no credentials of their own borrow the AWS key pair
+    from ``config.env`` (before the storage-credentials fallback of :attr:`Artifact.access_credentials`)."""
     env = request.config.env
-    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        creds = Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
-                            env.get("AWS_SESSION_TOKEN"), env.get("AWS_DEFAULT_REGION"))
-        return replace(artifact, credentials=creds)
-    return artifact
+    if not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
+        return request
+    creds = Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
+                        env.get("AWS_SESSION_TOKEN"), env.get("AWS_DEFAULT_REGION"))
+    borrowed = {label: artifact if artifact.credentials else replace(artifact, credentials=creds)
+                for label, artifact in request.experiment.artifacts.items()}
+    return replace(request, experiment=replace(request.experiment, artifacts=borrowed))
 
 
 async def _pump(proc: trio.Process, output: OutputLog, done: trio.Event) -> None:

@@ -1,0 +1,71 @@
+"""The executor's pure helpers: command line, environment composition, credentials, metadata URLs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from studio_runner.executor import (
+    _with_env_credentials,
+    command_line,
+    expand_value,
+    experiment_environment,
+    metadata_object_url,
+)
+from studio_runner.request import parse_request
+from studio_runner.storage.base import Credentials
+
+
+def make_request(env=None, cpus=1, artifacts=None):
+    doc = {"experiment": {"key": "k", "filename": "x.py", "resources_needed": {"cpus": cpus},
+                          "artifacts": artifacts or {}},
+           "config": {"env": env or {}}}
+    return parse_request(json.dumps(doc))
+
+
+def test_command_line_splits_the_clients_shell_quoting():
+    argv = command_line(Path("/venv/bin/python"), "train.py", ["'a b'", "\"it's\"", "--lr", "'unclosed"])
+    assert argv == ["/venv/bin/python", "-u", "train.py", "a b", "it's", "--lr", "'unclosed"]
+
+
+def test_percent_and_dollar_expansion_without_command_substitution():
+    runner_env = {"HOME": "/home/r", "EMPTY": ""}
+    composed = {"PATH": "/bin", "HOME": "/home/r"}
+    assert expand_value("%HOME%/x:%EMPTY%:%MISSING%", runner_env, composed) == "/home/r/x:%EMPTY%:%MISSING%"
+    assert expand_value("$PATH:${HOME}/bin:$NOPE", runner_env, composed) == "/bin:/home/r/bin:$NOPE"
+    assert expand_value("$(rm -rf /)`id`", runner_env, composed) == "$(rm -rf /)`id`"
+
+
+def test_experiment_environment(tmp_path):
+    request = make_request(env={"PATH": "%PATH%:./bin", "STUDIOML_ARTIFACT_MAPPING": "x"}, cpus=4)
+    runner_env = {"PATH": "/usr/bin", "AMQP_URL": "amqp://u:p@h/", "PYTHONHOME": "/x"}
+    env = experiment_environment(runner_env, request, tmp_path / "venv", tmp_path / "ab12.0", tmp_path,
+                                 tmp_path / "tmp")
+    assert env["PATH"] == "/usr/bin:./bin"  # config.env wins, with the runner's PATH expanded
+    assert "AMQP_URL" not in env and "PYTHONHOME" not in env and "STUDIOML_ARTIFACT_MAPPING" not in env
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["STUDIOML_EXPERIMENT"] == "ab12.0" and env["STUDIOML_HOME"] == str(tmp_path)
+    assert env["OMP_NUM_THREADS"] == "3" and env["OPENMP"] == "True"
+    assert env["VIRTUAL_ENV"] == str(tmp_path / "venv")
+
+
+def test_env_credentials_only_fill_artifacts_without_their_own():
+    own = {"aws": {"access_key": "OWNKEY", "secret_access_key": "OWNSECRET"}}
+    request = make_request(
+        env={"AWS_ACCESS_KEY_ID": "ENVKEY", "AWS_SECRET_ACCESS_KEY": "ENVSECRET",
+             "AWS_DEFAULT_REGION": "eu-1"},
+        artifacts={"workspace": {"mutable": False, "qualified": "s3://h:9000/b/w.tar", "credentials": own},
+                   "data": {"mutable": False, "qualified": "s3://other:9000/b/d.tar"}})
+    artifacts = _with_env_credentials(request).experiment.artifacts
+    assert artifacts["workspace"].credentials == Credentials("OWNKEY", "OWNSECRET")
+    assert artifacts["data"].credentials == Credentials("ENVKEY", "ENVSECRET", None, "eu-1")
+    without_keys = make_request(artifacts={"data": {"mutable": False, "qualified": "s3://h:1/b/d.tar"}})
+    assert _with_env_credentials(without_keys) is without_keys
+
+
+def test_metadata_goes_to_the_bucket_root():
+    request = make_request(artifacts={"_metadata": {
+        "mutable": True, "key": "experiments/k/_metadata.tar",
+        "qualified": "s3://h:9000/bucket/experiments/k/_metadata.tar"}})
+    url = metadata_object_url(request.experiment.artifacts["_metadata"], "scrape-host-a.json")
+    assert url == "s3://h:9000/bucket/metadata/scrape-host-a.json"
