@@ -56,6 +56,7 @@ from studio_runner.pythons import (  # noqa: F401  (re-exported)
     resolve_uv,
     uv_environment,
 )
+from studio_runner.redact import mask_patterns
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,6 @@ _COMMENT_RE = re.compile(r"(^|\s+)#.*$")
 _PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*==\s*([^\s;,]+)$")
 _NAME_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)")
 _EDITABLE_VCS_RE = re.compile(r"^(-e|--editable)(\s+|=)\s*(?=(git|hg|svn|bzr)\+)")
-_URL_USERINFO_RE = re.compile(r"(?<=://)[^/\s@]+@")
 _TRANSIENT_RE = re.compile(
     r"(?i)error sending request|connection (refused|reset)|timed out|name resolution|could not resolve host"
     r"|dns error|network is unreachable|failed to fetch|no space left on device"
@@ -127,11 +127,6 @@ def env_key(python_version_full: str, requirements: Sequence[str]) -> str:
     for line in normalise_requirements(requirements, []):
         digest.update(line.encode() + b"\n")
     return digest.hexdigest()[:KEY_LENGTH]
-
-
-def mask_url_credentials(text: str) -> str:
-    """``scheme://user:token@host`` -> ``scheme://****@host``: installer errors may quote requirement URLs."""
-    return _URL_USERINFO_RE.sub("****@", text)
 
 
 # --- interpreters ------------------------------------------------------------------------------------------
@@ -346,7 +341,7 @@ class EnvCache:
                 os.rename(final, build_dir / "replaced")
             os.rename(venv, final)
         except BaseException:
-            _unlink_quietly(lock_path)  # we hold it exclusively; waiters notice the new inode
+            lock_path.unlink(missing_ok=True)  # we hold it exclusively; waiters notice the new inode
             raise
         finally:
             with trio.CancelScope(shield=True):
@@ -471,15 +466,8 @@ class EnvCache:
             os.rename(self.root / key, trash)
         except FileNotFoundError:  # another runner evicted it first
             return False
-        _unlink_quietly(self.root / f"{key}.lock")
+        (self.root / f"{key}.lock").unlink(missing_ok=True)
         return _rmtree(trash)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _rmtree(path: Path) -> bool:
@@ -522,7 +510,7 @@ async def _run_logged(
             if proc.stdout is not None:
                 await proc.stdout.aclose()
     if status != 0:
-        output = mask_url_credentials("\n".join(tail))
+        output = mask_patterns("\n".join(tail))  # installer errors may quote requirement URLs
         error = EnvBuildFailed(f"{what} failed with exit status {status}:\n{output}")
         if _TRANSIENT_RE.search(output):
             error.disposition = Disposition.RETRY  # network or disk trouble, not the request's fault

@@ -106,13 +106,6 @@ def _is_complete_json(body: bytes) -> bool:
     return True
 
 
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 class LocalDelivery:
     """A claimed local message; the open locked descriptor ``_fd`` is its lease."""
 
@@ -160,8 +153,8 @@ class LocalDelivery:
             os.close(fd)  # drops the flock: from here on the file is anyone's
 
     def _ack_sync(self) -> None:
-        _unlink_quietly(Path(self.path))
-        _unlink_quietly(self._backend._attempts_path(self.queue, self.message_id))
+        Path(self.path).unlink(missing_ok=True)
+        self._backend._attempts_path(self.queue, self.message_id).unlink(missing_ok=True)
 
     def _nack_sync(self) -> None:
         b = self._backend
@@ -254,7 +247,7 @@ class LocalDirQueue:
             return await trio.to_thread.run_sync(self._write_message, qdir, body)
         finally:
             if owned:
-                _unlink_quietly(lock)
+                lock.unlink(missing_ok=True)
 
     # -- claim ------------------------------------------------------------------------------------------
 
@@ -383,7 +376,7 @@ class LocalDirQueue:
         text = (f"{reason.rstrip()}\n\nqueue: {queue}\nmessage: {name}\nattempts: {attempts}\n"
                 f"runner: {self.runner_id}\nset aside at: {when}\n")
         self._atomic_write(adir / f"{name}.reason.txt", text.encode())
-        _unlink_quietly(self._attempts_path(queue, name))
+        self._attempts_path(queue, name).unlink(missing_ok=True)
         log.warning("set aside %s/%s: %s", queue, name, reason)
 
     def _collect_orphan_attempts(self) -> None:
@@ -401,7 +394,7 @@ class LocalDirQueue:
                 qfile = self.root / queue / name
                 if qfile.exists() or self._is_in_flight(queue, name) or qfile.exists():
                     continue  # looked twice: a message moving between queue and flight is seen once
-                _unlink_quietly(path)
+                path.unlink(missing_ok=True)
 
     def _is_in_flight(self, queue: str, name: str) -> bool:
         return any(e.rsplit("~", 1)[0] == name for e in self._listdir(self.root / INFLIGHT / queue))
@@ -464,7 +457,7 @@ class LocalDirQueue:
                 os.fsync(f.fileno())
             os.rename(tmp, path)
         except BaseException:
-            _unlink_quietly(tmp)
+            tmp.unlink(missing_ok=True)
             raise
         return path
 

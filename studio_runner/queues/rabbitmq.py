@@ -49,6 +49,7 @@ from studio_runner.queues.rmq_mgmt import (
     parse_version,
     studio_queues,
 )
+from studio_runner.units import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,6 @@ _names = count(1)
 _OPERATOR_FIX = ("Operator fix: raise consumer_timeout (milliseconds) in rabbitmq.conf, or at run time with "
                  "rabbitmqctl eval 'application:set_env(rabbit, consumer_timeout, N).', above the longest "
                  "experiment, and raise the runner's consumer timeout limit to match.")
-
-
-def _fmt_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds / 3600:g} h"
-    if seconds >= 60:
-        return f"{seconds / 60:g} min"
-    return f"{seconds} s"
 
 
 class RabbitMQDelivery:
@@ -192,13 +184,13 @@ class RabbitMQQueue:
         self.per_consumer_timeout = honours_consumer_timeout_arg(self.broker_version)
         if self.per_consumer_timeout:
             log.info("RabbitMQ %s honours x-consumer-timeout: consumers ask for %s", text,
-                     _fmt_duration(self.consumer_timeout_request))
+                     format_duration(self.consumer_timeout_request))
         else:
             log.warning(
                 "RabbitMQ %s ignores the per-consumer x-consumer-timeout argument: a message left "
                 "unacknowledged longer than the broker's consumer_timeout (assumed %s) has its channel "
                 "closed and goes back to the queue while its experiment still runs, so it may run twice. %s",
-                text or "(unknown version)", _fmt_duration(self.consumer_timeout_limit), _OPERATOR_FIX)
+                text or "(unknown version)", format_duration(self.consumer_timeout_limit), _OPERATOR_FIX)
 
     def deadline_warning(self, seconds: float) -> str | None:
         """A warning for an experiment whose deadline outlives the broker's hold on its message, else None."""
@@ -206,11 +198,11 @@ class RabbitMQQueue:
         if seconds <= limit:
             return None
         if self.per_consumer_timeout:
-            return (f"experiment deadline {_fmt_duration(seconds)} exceeds the consumer timeout the runner "
-                    f"asks RabbitMQ for ({_fmt_duration(limit)}): the message may go back to the queue and "
+            return (f"experiment deadline {format_duration(seconds)} exceeds the consumer timeout the runner "
+                    f"asks RabbitMQ for ({format_duration(limit)}): the message may go back to the queue and "
                     "run again elsewhere while this run continues")
-        return (f"experiment deadline {_fmt_duration(seconds)} exceeds the RabbitMQ consumer timeout "
-                f"({_fmt_duration(limit)}), which this broker applies to every consumer: after that the "
+        return (f"experiment deadline {format_duration(seconds)} exceeds the RabbitMQ consumer timeout "
+                f"({format_duration(limit)}), which this broker applies to every consumer: after that the "
                 "broker takes the message back and it may run again elsewhere while this run continues "
                 "(the start-up warning names the operator's fix)")
 

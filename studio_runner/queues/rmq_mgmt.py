@@ -16,6 +16,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
+from studio_runner.redact import mask_patterns
+
 EXCHANGE = "StudioML.topic"
 ROUTING_PREFIX = "StudioML."
 RESPONSE_SUFFIX = "_response"
@@ -37,19 +39,8 @@ def expand_env(text: str, env: Mapping[str, str] | None = None) -> str:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``: the only form of a broker URL we ever log."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL with its password masked: the only form of a broker URL we ever log."""
+    return mask_patterns(url)
 
 
 def amqp_vhost(amqp_url: str) -> str:

@@ -25,12 +25,7 @@ def redact_url(url: str) -> str:
         return "<unparseable URL>"
     if not parts.scheme or parts.scheme == "file":
         return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def url_kind(url: str) -> str:

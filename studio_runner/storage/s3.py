@@ -36,6 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.subscribers import BaseSubscriber
 
 from studio_runner.errors import ObjectNotFound, StorageError
+from studio_runner.storage import redact_url
 from studio_runner.storage.base import Credentials, ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -102,14 +103,6 @@ def qualified_with_key(qualified: str, key: str | None) -> str:
         return qualified
     endpoint, bucket, _ = parse_s3_url(qualified)
     return f"s3://{endpoint}/{bucket}/{key.lstrip('/')}"
-
-
-def redact_url(url: str) -> str:
-    """``url`` without any ``user:password@`` part, for messages."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def aws_region(endpoint: str) -> str | None:
