@@ -9,13 +9,13 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from studio_runner.config import Settings
 from studio_runner.envs import EnvCache
-from studio_runner.executor import Executor, ExecutorSettings, Outcome
+from studio_runner.executor import Executor, ExecutorSettings
 from studio_runner.policies import Checkpoints, Deadline, Retries
 from studio_runner.queues.base import QueueBackend
 from studio_runner.storage import Stores
@@ -61,8 +61,7 @@ def build_stores(settings: Settings) -> Stores:
 
 
 @asynccontextmanager
-async def open_runner(settings: Settings, on_outcome: Callable[[Outcome], None] | None = None,
-                      backends: list[QueueBackend] | None = None) -> AsyncIterator[Supervisor]:
+async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
     """A Supervisor wired from ``settings``; its runner root is removed on exit (kept with --debug)."""
     runner_id = f"{settings.hostname}-{os.getpid()}-{secrets.token_hex(3)}"
     working_dir: Path = settings.working_dir
@@ -88,7 +87,7 @@ async def open_runner(settings: Settings, on_outcome: Callable[[Outcome], None] 
         grace_period=settings.grace_period, keep_dirs=settings.debug, schema_logs=settings.schema_logs,
         allow_env_secrets=settings.allow_env_secrets,
     ))
-    backends = backends if backends is not None else build_backends(settings, runner_id)
+    backends = build_backends(settings, runner_id)
     for backend in backends:
         start = getattr(backend, "start", None)
         if start is not None:  # connect early so configuration mistakes show at start-up
@@ -100,7 +99,7 @@ async def open_runner(settings: Settings, on_outcome: Callable[[Outcome], None] 
         retries=Retries(settings.max_attempts),
     )
     try:
-        yield Supervisor(backends, executor, intake, on_outcome=on_outcome)
+        yield Supervisor(backends, executor, intake)
     finally:
         for backend in backends:
             try:

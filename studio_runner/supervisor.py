@@ -11,7 +11,6 @@ import logging
 import re
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -46,23 +45,14 @@ def queue_selected(name: str, match: str, mismatch: str) -> bool:
     return not (mismatch and re.search(mismatch, name))
 
 
-@dataclass
-class Running:
-    delivery: Delivery
-    abort: Abort
-    key: str = ""
-    started: float = field(default_factory=time.time)
-
-
 class Supervisor:
-    def __init__(self, backends: list[QueueBackend], executor: Executor, settings: IntakeSettings,
-                 on_outcome: Callable[[Outcome], None] | None = None) -> None:
+    def __init__(self, backends: list[QueueBackend], executor: Executor, settings: IntakeSettings) -> None:
         self.backends = backends
         self.executor = executor
         self.s = settings
-        self.on_outcome = on_outcome
         self.results: list[Outcome] = []
-        self.running: dict[int, Running] = {}
+        self.running: dict[int, Abort] = {}
+        """The abort handle of each experiment in progress, by delivery."""
         self._queues: list[tuple[QueueBackend, str]] = []
         self._next = 0
         self._stopping = trio.Event()
@@ -76,8 +66,8 @@ class Supervisor:
             log.info("shutting down: no new work is taken; %d experiment(s) running", len(self.running))
             self._stopping.set()
         if hard:
-            for item in self.running.values():
-                item.abort.trigger("the runner is shutting down", hand_back=True)
+            for abort in self.running.values():
+                abort.trigger("the runner is shutting down", hand_back=True)
 
     async def run(self, once: bool = False, handle_signals: bool = False) -> list[Outcome]:
         """Serve queues until shutdown (or, with ``once``, until every queue is empty and nothing runs)."""
@@ -177,13 +167,11 @@ class Supervisor:
     async def _handle(self, backend: QueueBackend, delivery: Delivery) -> None:
         token = id(delivery)
         abort = Abort()
-        self.running[token] = Running(delivery, abort)
+        self.running[token] = abort
         try:
             outcome = await self._process(backend, delivery, abort)
             await self._settle(delivery, outcome)
             self.results.append(outcome)
-            if self.on_outcome is not None:
-                self.on_outcome(outcome)
         finally:
             del self.running[token]
             self._slot_freed.set()
@@ -197,7 +185,6 @@ class Supervisor:
             return Outcome(key=delivery.message_id, status="invalid", action="set_aside", reason=str(exc),
                            queue=delivery.queue, finished=time.time())
         key = request.experiment.key
-        self.running[id(delivery)].key = key
         log.info("experiment %s from %s %s (attempt %d) starting", key, backend.kind, delivery.queue,
                  delivery.attempt)
         self._warn_if_broker_may_requeue(backend, request, key)
