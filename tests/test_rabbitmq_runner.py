@@ -303,11 +303,10 @@ def restart_broker(amqp_url: str) -> None:
         assert broker_problem() is None, broker_problem()
 
 
-def test_broker_restart_mid_experiment(deployment: Deployment, start_runner, tmp_path: Path):
-    if shutil.which("rabbitmqctl") is None or urlsplit(deployment.amqp_url).hostname not in LOCAL_HOSTS:
-        pytest.skip("restarting the broker needs rabbitmqctl and the test broker on this machine")
-    marker, go = tmp_path / "started.txt", tmp_path / "go"
-    script = write_script(tmp_path / "restart", f"""\
+def held_script(folder: Path, marker: Path, go: Path, rest: str) -> Path:
+    """An experiment that appends a line to ``marker`` on every run; its first run waits for ``go`` (at
+    most 90 s) before running ``rest``, so a test can act on the broker while it is in progress."""
+    return write_script(folder, textwrap.dedent(f"""\
         import pathlib, time
         marker, go = pathlib.Path({str(marker)!r}), pathlib.Path({str(go)!r})
         first = not marker.exists()
@@ -317,6 +316,14 @@ def test_broker_restart_mid_experiment(deployment: Deployment, start_runner, tmp
         deadline = time.time() + 90
         while first and not go.exists() and time.time() < deadline:
             time.sleep(0.1)
+        """) + textwrap.dedent(rest))
+
+
+def test_broker_restart_mid_experiment(deployment: Deployment, start_runner, tmp_path: Path):
+    if shutil.which("rabbitmqctl") is None or urlsplit(deployment.amqp_url).hostname not in LOCAL_HOSTS:
+        pytest.skip("restarting the broker needs rabbitmqctl and the test broker on this machine")
+    marker, go = tmp_path / "started.txt", tmp_path / "go"
+    script = held_script(tmp_path / "restart", marker, go, """\
         for step in range(5):
             print("step", step, flush=True)
             time.sleep(0.1)
@@ -362,16 +369,7 @@ def test_broker_restart_mid_experiment(deployment: Deployment, start_runner, tmp
 def test_consumer_timeout_takes_the_message_back_while_the_experiment_runs(deployment: Deployment,
                                                                          start_runner, tmp_path: Path):
     marker, go = tmp_path / "started.txt", tmp_path / "go"
-    script = write_script(tmp_path / "long", f"""\
-        import pathlib, time
-        marker, go = pathlib.Path({str(marker)!r}), pathlib.Path({str(go)!r})
-        first = not marker.exists()
-        with marker.open("a") as handle:
-            handle.write("run\\n")
-        print("run begins", flush=True)
-        deadline = time.time() + 90
-        while first and not go.exists() and time.time() < deadline:
-            time.sleep(0.1)
+    script = held_script(tmp_path / "long", marker, go, """\
         print("still running after the broker took the message back" if go.exists() else "no go")
         print("final line of the experiment")
         """)
