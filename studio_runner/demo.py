@@ -47,8 +47,7 @@ def run_demo(flags: dict, demo_dir: Path | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     flags = dict(flags)
     flags.update(queue_root=str(queue_root), working_dir=str(work))
-    flags.setdefault("grace_period", None)
-    if flags["grace_period"] is None:
+    if flags.get("grace_period") is None:  # the timeout example need not wait the default 10 s
         flags["grace_period"] = "2s"
     settings = config.resolve(flags)
     runtime.configure_logging(settings.log_level)
