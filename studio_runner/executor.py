@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,7 +36,6 @@ from studio_runner.policies import Checkpoints, Deadline, Lifetime
 from studio_runner.redact import Redactor, is_secret_name
 from studio_runner.request import Artifact, Request
 from studio_runner.storage import Stores
-from studio_runner.storage.base import Credentials
 
 log = logging.getLogger("studio_runner.executor")
 
@@ -158,7 +157,7 @@ class Executor:
                   abort: Abort | None = None) -> Outcome:
         """Run one attempt of ``request``. Never raises for experiment or runner faults: see Outcome."""
         if self.s.allow_env_secrets:
-            request = _with_env_credentials(request)
+            request = request.with_env_credentials()
         exp = request.experiment
         abort = abort or Abort()
         now = time.time()
@@ -474,19 +473,6 @@ def experiment_environment(runner_env: Mapping[str, str], request: Request, venv
         env.update({"OPENMP": "True", "MKL_NUM_THREADS": threads, "GOTO_NUM_THREADS": threads,
                     "OMP_NUM_THREADS": threads})
     return env
-
-
-def _with_env_credentials(request: Request) -> Request:
-    """With --allow-env-secrets, artifacts that carry no credentials of their own borrow the AWS key pair
-    from ``config.env`` (before the storage-credentials fallback of :attr:`Artifact.access_credentials`)."""
-    env = request.config.env
-    if not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
-        return request
-    creds = Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
-                        env.get("AWS_SESSION_TOKEN"), env.get("AWS_DEFAULT_REGION"))
-    borrowed = {label: artifact if artifact.credentials else replace(artifact, credentials=creds)
-                for label, artifact in request.experiment.artifacts.items()}
-    return replace(request, experiment=replace(request.experiment, artifacts=borrowed))
 
 
 async def _pump(proc: trio.Process, output: OutputLog, done: trio.Event) -> None:

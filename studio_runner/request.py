@@ -137,6 +137,19 @@ class Request:
         """A :class:`Redactor` for this experiment's output (credentials masked at any length)."""
         return Redactor(self.secrets(), credentials=self.credential_values())
 
+    def with_env_credentials(self) -> Request:
+        """The runner's ``--allow-env-secrets``: artifacts that carry no credentials of their own borrow the
+        AWS key pair from ``config.env``, ahead of the storage-credentials fallback of
+        :attr:`Artifact.access_credentials`."""
+        env = self.config.env
+        if not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
+            return self
+        creds = Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
+                            env.get("AWS_SESSION_TOKEN"), env.get("AWS_DEFAULT_REGION"))
+        borrowed = {label: artifact if artifact.credentials else replace(artifact, credentials=creds)
+                    for label, artifact in self.experiment.artifacts.items()}
+        return replace(self, experiment=replace(self.experiment, artifacts=borrowed))
+
 
 _MIN_ENV_SECRET = 6
 _MAX_COUNT = 2**31 - 1

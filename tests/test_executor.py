@@ -1,4 +1,4 @@
-"""The executor's pure helpers: command line, environment composition, credentials, metadata URLs."""
+"""The executor's pure helpers (command line, environment, metadata URLs) and the credentials it borrows."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from studio_runner.executor import (
-    _with_env_credentials,
     command_line,
     expand_value,
     experiment_environment,
@@ -56,11 +55,11 @@ def test_env_credentials_only_fill_artifacts_without_their_own():
              "AWS_DEFAULT_REGION": "eu-1"},
         artifacts={"workspace": {"mutable": False, "qualified": "s3://h:9000/b/w.tar", "credentials": own},
                    "data": {"mutable": False, "qualified": "s3://other:9000/b/d.tar"}})
-    artifacts = _with_env_credentials(request).experiment.artifacts
+    artifacts = request.with_env_credentials().experiment.artifacts
     assert artifacts["workspace"].credentials == Credentials("OWNKEY", "OWNSECRET")
     assert artifacts["data"].credentials == Credentials("ENVKEY", "ENVSECRET", None, "eu-1")
     without_keys = make_request(artifacts={"data": {"mutable": False, "qualified": "s3://h:1/b/d.tar"}})
-    assert _with_env_credentials(without_keys) is without_keys
+    assert without_keys.with_env_credentials() is without_keys
 
 
 def test_metadata_goes_to_the_bucket_root():
