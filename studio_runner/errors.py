@@ -13,6 +13,7 @@ Every error says what should happen to the message that caused it, so the superv
 from __future__ import annotations
 
 import enum
+import errno
 
 
 class Disposition(enum.Enum):
@@ -55,6 +56,21 @@ class StorageError(RunnerError):
 
 class ObjectNotFound(StorageError):
     """The object does not exist. Fatal for immutable inputs, normal for mutable outputs."""
+
+
+class DiskFull(RunnerError):
+    """No space (or quota) left where the runner writes: output log, unpacking, environment build, cache.
+
+    A runner-side fault: the attempt ends, what exists is uploaded, the message is handed back, and the runner
+    keeps serving (its experiment directory is removed, which frees the space).
+    """
+
+    disposition = Disposition.RETRY
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an OSError means "no space left" (ENOSPC) or "quota exceeded" (EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class ArtifactError(RunnerError):

@@ -5,6 +5,11 @@ when to ask (only while it has room for more work) and what to do with each deli
 how "take", "give back" and "set aside" map onto its broker. Delivery is at-least-once: a message is
 removed only by :meth:`Delivery.ack` or :meth:`Delivery.set_aside`; if the runner dies before either, the
 message must reach another runner.
+
+Optional broker features are part of the protocol, with a do-nothing answer where a broker has no such
+thing (``keep_alive`` for brokers without leases, ``deadline_warning`` for brokers without a delivery
+timeout), so the supervisor never probes backends with ``getattr``. The contract suite in
+``tests/queues/test_contract.py`` runs every backend through the same checks.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import trio
 
 @runtime_checkable
 class Delivery(Protocol):
-    """One claimed message. Exactly one of ack / nack / set_aside is called, once."""
+    """One claimed message. Exactly one of ack / nack / release / set_aside is called, once."""
 
     queue: str
     """Bare queue name the message came from (``local_x``, ``rmq_team``)."""
@@ -28,11 +33,15 @@ class Delivery(Protocol):
     """The raw message body, exactly as published."""
 
     attempt: int
-    """1 for the first delivery; grows each time the message was handed back by :meth:`nack`."""
+    """1 for the first delivery; grows each time the message was handed back by :meth:`nack` (or its
+    runner died holding it); :meth:`release` does not grow it."""
 
     lost: trio.Event
     """Set when the backend lost its claim (channel closed, lease expired): the message may already be
     running elsewhere. The experiment keeps going and uploads; the final ack is then skipped."""
+
+    lost_reason: str | None
+    """Why the claim was lost, in words (consumer timeout, connection lost, file moved); None until then."""
 
     async def ack(self) -> None:
         """The work is done (successfully or not): remove the message for good."""
@@ -40,8 +49,16 @@ class Delivery(Protocol):
     async def nack(self) -> None:
         """Hand the message back for another attempt, counting this one."""
 
+    async def release(self) -> None:
+        """Hand the message back without counting an attempt: it was never started here (it did not fit,
+        intake is paused, the runner is stopping before it began)."""
+
     async def set_aside(self, reason: str) -> None:
         """Remove the message from the work queue but keep it (quarantine / dead letter) with the reason."""
+
+    async def keep_alive(self) -> None:
+        """Renew the claim on brokers whose claims expire (SQS visibility); a no-op elsewhere. Called
+        periodically while the message is held; raising is not fatal (the claim may then be lost)."""
 
 
 @runtime_checkable
@@ -51,6 +68,9 @@ class QueueBackend(Protocol):
     kind: str
     """Short backend name used in logs and metrics labels: ``local``, ``rabbitmq``, ``sqs``."""
 
+    async def start(self) -> None:
+        """Connect and check the configuration, so mistakes show at start-up. Idempotent."""
+
     async def discover(self) -> list[str]:
         """Names of the queues this backend can serve now (before the runner's name filter)."""
 
@@ -59,6 +79,10 @@ class QueueBackend(Protocol):
 
     async def exists(self, queue: str) -> bool:
         """Whether ``queue`` still exists; deleting a queue aborts its running experiments."""
+
+    def deadline_warning(self, seconds: float) -> str | None:
+        """A warning when an experiment allowed to run ``seconds`` would outlive the broker's hold on its
+        message (RabbitMQ's consumer timeout), else None."""
 
     async def aclose(self) -> None:
         """Release connections. Unfinished deliveries go back to the broker."""
