@@ -87,7 +87,7 @@ def report(outcomes: list[Outcome], submitted: dict[str, Example]) -> int:
     by_key = {o.key: o for o in outcomes}
     for key, example in submitted.items():
         outcome = by_key.get(key)
-        status = outcome.status if outcome else "not run"
+        status = outcome.status.value if outcome else "not run"
         all_expected &= status == example.expected
         rows.append((key, example.expected, status,
                      "" if outcome is None or outcome.exit_code is None else str(outcome.exit_code),

@@ -6,11 +6,15 @@ artifacts saved, and what happens to its message after an outcome.
 
 from __future__ import annotations
 
+import random
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from studio_runner.errors import RequestExpired
 from studio_runner.request import Request
+from studio_runner.units import format_size
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,57 @@ class Checkpoints:
 
 
 @dataclass(frozen=True)
+class Backoff:
+    """Exponential back-off with jitter: try ``n`` waits ``min(cap, first * 2**(n-1))`` scaled by a random
+    factor in [0.5, 1] ("equal jitter": never less than half the nominal delay, so a storm of failures still
+    spreads out, and never more than the cap). A formula this small does not need a retry library."""
+
+    first: float
+    cap: float
+
+    def delay(self, n: int, rng: random.Random | None = None) -> float:
+        nominal = min(self.cap, self.first * 2 ** max(0, min(n - 1, 62)))
+        return nominal * (rng or random).uniform(0.5, 1.0)
+
+
+@dataclass(frozen=True)
 class Retries:
-    """A message handed back after a runner-side fault gets another attempt, until ``max_attempts``."""
+    """A message handed back after a runner-side fault gets another attempt, until ``max_attempts``, each
+    after a back-off (the runner holds the message meanwhile, so no other runner takes it early)."""
 
     max_attempts: int
+    backoff: Backoff = field(default_factory=lambda: Backoff(10.0, 600.0))
 
     def gives_up(self, attempt: int) -> bool:
         """True when ``attempt`` was the last one: set the message aside instead of handing it back."""
         return attempt >= self.max_attempts
+
+    def delay(self, attempt: int) -> float:
+        """How long to hold the message after failed attempt ``attempt`` before handing it back."""
+        return self.backoff.delay(attempt)
+
+
+@dataclass(frozen=True)
+class DiskAdmission:
+    """Take a request only when the working directory's filesystem has room for its ``hdd`` (or
+    ``default_need`` when it names none) on top of what running attempts reserved, plus ``reserve``."""
+
+    working_dir: Path
+    reserve: int
+    default_need: int = 0
+
+    def need(self, request: Request) -> int:
+        return request.experiment.resources.hdd or self.default_need
+
+    def refusal(self, request: Request, reserved: int) -> str | None:
+        """Why the request does not fit now, or None when it does."""
+        try:
+            free = shutil.disk_usage(self.working_dir).free
+        except OSError as exc:
+            return f"cannot check free space in {self.working_dir}: {exc}"
+        need = self.need(request)
+        if free - reserved - self.reserve >= need:
+            return None
+        return (f"needs {format_size(need)} of disk; {format_size(max(0, free - reserved))} free in "
+                f"{self.working_dir} after running experiments' reservations, and {format_size(self.reserve)} "
+                "is kept in reserve")

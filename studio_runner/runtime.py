@@ -1,6 +1,7 @@
-"""Build a ready-to-run runner (backends, stores, caches, executor, supervisor) from resolved Settings.
+"""Build a ready-to-run runner (backends, stores, caches, registry, executor, supervisor) from Settings.
 
 Kept apart from the CLI so tests, the demo and benchmarks assemble exactly what ``studio-runner run`` does.
+Event subscribers (metrics, status pages, the TUI) attach to ``supervisor.registry.bus``.
 """
 
 from __future__ import annotations
@@ -11,26 +12,24 @@ import secrets
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
+
+import trio
 
 from studio_runner.config import Settings
 from studio_runner.envs import EnvCache
+from studio_runner.events import Registry, current_attempt
 from studio_runner.executor import Executor, ExecutorSettings
-from studio_runner.policies import Checkpoints, Deadline, Retries
+from studio_runner.logs import configure_logging
+from studio_runner.policies import Backoff, Checkpoints, Deadline, DiskAdmission, Retries
 from studio_runner.queues.base import QueueBackend
-from studio_runner.storage import Stores
+from studio_runner.redact import runner_secrets
+from studio_runner.storage import StorageHealth, Stores
 from studio_runner.supervisor import IntakeSettings, Supervisor
+from studio_runner.sweep import claim_root, sweep_dead_roots
 
 log = logging.getLogger("studio_runner")
 
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
-    # pika logs every failed reconnect with a traceback and every closed channel; the RabbitMQ backend
-    # reports those events itself, once and in plain words
-    logging.getLogger("pika").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
+__all__ = ["build_backends", "build_stores", "configure_logging", "open_runner"]
 
 
 def build_backends(settings: Settings, runner_id: str) -> list[QueueBackend]:
@@ -45,28 +44,39 @@ def build_backends(settings: Settings, runner_id: str) -> list[QueueBackend]:
     if not backends or settings.explicitly_set("queue-root"):
         from studio_runner.queues.localdir import LocalDirQueue
 
-        root: Path = settings.queue_root
-        root.mkdir(parents=True, exist_ok=True)
-        backends.append(LocalDirQueue(root, runner_id))
+        backends.append(LocalDirQueue(settings.queue_root, runner_id))
     return backends
 
 
-def build_stores(settings: Settings) -> Stores:
+def build_stores(settings: Settings, registry: Registry | None = None,
+                 health: StorageHealth | None = None) -> Stores:
     s3_options: dict[str, object] = {}
     if settings.s3_ca:
         s3_options["ca_bundle"] = str(settings.s3_ca)
     if settings.s3_cert:
         s3_options["client_cert"] = (str(settings.s3_cert), str(settings.s3_key))
-    return Stores(s3_options=s3_options)
+
+    def count(direction: str, nbytes: int, url: str) -> None:
+        record = current_attempt()
+        if registry is not None and record is not None:
+            registry.transferred(record, direction, nbytes, url)
+
+    return Stores(s3_options=s3_options, health=health, on_transfer=count)
 
 
 @asynccontextmanager
 async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
-    """A Supervisor wired from ``settings``; its runner root is removed on exit (kept with --debug)."""
+    """A Supervisor wired from ``settings``; its runner root is removed on exit (kept with --debug).
+
+    Start-up sweeps the roots of runners that died without cleaning up (kill -9, power loss), so a disk
+    does not fill over weeks of restarts.
+    """
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     runner_id = f"{settings.hostname}-{os.getpid()}-{secrets.token_hex(3)}"
-    working_dir: Path = settings.working_dir
-    root = working_dir / f"studio-runner-{runner_id}"
-    root.mkdir(parents=True)
+    for removed in await trio.to_thread.run_sync(sweep_dead_roots, settings.working_dir):
+        log.info("removed %s, left behind by a runner that is no longer running", removed)
+    root = await trio.to_thread.run_sync(claim_root, settings.working_dir, runner_id)
     env_cache = EnvCache(
         settings.env_cache_dir, settings.env_cache_size,
         uv_cache_dir=settings.uv_cache_dir, allow_downloads=settings.python_downloads,
@@ -79,27 +89,30 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
         from studio_runner.cache import ArtifactCache
 
         artifact_cache = ArtifactCache(settings.cache_dir, settings.cache_size)
+    registry = Registry(settings.hostname)
+    health = StorageHealth()
     executor = Executor(ExecutorSettings(
-        root=root, hostname=settings.hostname, stores=build_stores(settings), env_cache=env_cache,
-        artifact_cache=artifact_cache,
+        root=root, hostname=settings.hostname, stores=build_stores(settings, registry, health),
+        env_cache=env_cache, artifact_cache=artifact_cache,
         deadline=Deadline(settings.max_lifetime),
         checkpoints=Checkpoints(settings.min_checkpoint_interval, settings.default_checkpoint_interval),
         grace_period=settings.grace_period, keep_dirs=settings.debug, schema_logs=settings.schema_logs,
-        allow_env_secrets=settings.allow_env_secrets,
-    ))
+        allow_env_secrets=settings.allow_env_secrets, pass_env=tuple(settings.pass_env),
+        runner_secrets=tuple(runner_secrets(os.environ)), upload_window=settings.upload_retry_window,
+    ), registry)
     backends = build_backends(settings, runner_id)
-    for backend in backends:
-        start = getattr(backend, "start", None)
-        if start is not None:  # connect early so configuration mistakes show at start-up
-            await start()
     intake = IntakeSettings(
         queue_match=settings.queue_match, queue_mismatch=settings.queue_mismatch,
         poll_interval=settings.poll_interval, rescan_interval=settings.rescan_interval,
         abort_check_interval=settings.abort_check_interval, drain_timeout=settings.drain_timeout,
-        retries=Retries(settings.max_attempts),
+        retries=Retries(settings.max_attempts, Backoff(settings.retry_delay, settings.retry_delay_max)),
+        admission=DiskAdmission(settings.working_dir, settings.disk_reserve),
     )
     try:
-        yield Supervisor(backends, executor, intake)
+        for backend in backends:  # connect early so configuration mistakes show at start-up
+            await backend.start()
+        yield Supervisor(backends, executor, intake, registry=registry, health=health,
+                         hostname=settings.hostname)
     finally:
         for backend in backends:
             try:

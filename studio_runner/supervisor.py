@@ -1,27 +1,57 @@
-"""The runner's nursery: queue discovery, intake, one task per running experiment, shutdown.
+"""The runner's nursery: queue discovery, intake, one task per message in hand, shutdown.
 
 Dramatiq-style separation: queue backends only know how to claim and settle messages; the executor only
 knows how to run one request; the supervisor connects them and owns every decision about a message's fate
-(ack, hand back, set aside), so that no experiment is lost and none loops forever.
+(ack, hand back after a back-off, release, set aside), so that no experiment is lost and none loops forever.
+
+Intake rules, in order: take nothing while stopping; take nothing while results cannot be saved
+(:class:`~studio_runner.storage.StorageHealth`); take a message only into a free slot, reserved *before*
+its task starts, so ``max_running`` is exact; release (without counting an attempt) a request that does not
+fit this machine now (:class:`~studio_runner.policies.DiskAdmission`) and leave its queue alone for a while
+(until a slot frees; a queue's head that does not fit holds back what is behind it in that queue, as in Go,
+until the resources work admits by queue).
+A message whose attempt failed on the runner's side is held for a back-off (exponential, with jitter) before
+it is handed back, so a flapping store or disk does not burn all of its attempts in a second; its slot is
+free meanwhile.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
+from studio_runner.attempt import Abort, Action, Outcome, Phase, Status, StopCause
 from studio_runner.errors import RequestInvalid
-from studio_runner.executor import Abort, Executor, Outcome
-from studio_runner.policies import Retries
+from studio_runner.events import AttemptRecord, Registry
+from studio_runner.policies import DiskAdmission, Retries
 from studio_runner.queues.base import Delivery, QueueBackend
 from studio_runner.request import Request, parse_request
+from studio_runner.storage import StorageHealth
 
 log = logging.getLogger("studio_runner.supervisor")
+
+_BIG_BODY = 1 << 20
+"""Bodies larger than this are parsed in a worker thread, so a huge message cannot stall the nursery."""
+
+
+class AttemptRunner(Protocol):
+    """What the supervisor needs of the executor."""
+
+    async def run(self, request: Request, *, queue: str = "", attempt: int = 1, abort: Abort | None = None,
+                  record: AttemptRecord | None = None) -> Outcome: ...
+
+    @property
+    def max_seconds(self) -> float:
+        """The longest any attempt may run (the runner's --max-lifetime), for broker warnings."""
+        ...
 
 
 @dataclass
@@ -34,6 +64,12 @@ class IntakeSettings:
     max_running: int = 1
     drain_timeout: float = 0.0
     retries: Retries = field(default_factory=lambda: Retries(3))
+    keep_alive_interval: float = 15.0
+    admission: DiskAdmission | None = None
+    refused_pause: float = 30.0
+    """How long a queue whose message did not fit is left alone (unless a slot frees first)."""
+    keep_results: int = 1000
+    """Outcomes kept for ``run()``'s return value (the CLI's --once, the demo, tests); older ones drop."""
 
 
 def queue_selected(name: str, match: str, mismatch: str) -> bool:
@@ -45,32 +81,60 @@ def queue_selected(name: str, match: str, mismatch: str) -> bool:
     return not (mismatch and re.search(mismatch, name))
 
 
+@dataclass
+class _Held:
+    """A message in our hands, from claim to settlement."""
+
+    backend: QueueBackend
+    delivery: Delivery
+    record: AttemptRecord
+    abort: Abort = field(default_factory=Abort)
+    disk_reserved: int = 0
+
+
 class Supervisor:
-    def __init__(self, backends: list[QueueBackend], executor: Executor, settings: IntakeSettings) -> None:
+    def __init__(self, backends: list[QueueBackend], executor: AttemptRunner, settings: IntakeSettings,
+                 registry: Registry | None = None, health: StorageHealth | None = None,
+                 hostname: str = "runner") -> None:
         self.backends = backends
         self.executor = executor
         self.s = settings
-        self.results: list[Outcome] = []
-        self.running: dict[int, Abort] = {}
-        """The abort handle of each experiment in progress, by delivery."""
+        self.registry = registry or Registry(hostname)
+        self.health = health or StorageHealth()
+        self.results: collections.deque[Outcome] = collections.deque(maxlen=max(1, settings.keep_results))
+        self.status_counts: Counter[Status] = Counter()
+        self._held: dict[str, _Held] = {}
+        self._running = 0
         self._queues: list[tuple[QueueBackend, str]] = []
+        self._paused_until: dict[tuple[str, str], float] = {}
         self._next = 0
         self._stopping = trio.Event()
-        self._slot_freed = trio.Event()
+        self._wake = trio.Event()
 
     # -- public control -------------------------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        """Messages occupying a slot now (claimed and not yet finished running and uploading)."""
+        return self._running
+
+    @property
+    def held(self) -> int:
+        """Messages in our hands, including those waiting out a back-off."""
+        return len(self._held)
+
     def shutdown(self, hard: bool = False) -> None:
         """Stop taking work; with ``hard`` (or after --drain-timeout) stop running experiments and hand
-        their messages back."""
+        their messages back; messages waiting out a back-off are handed back at once."""
         if not self._stopping.is_set():
-            log.info("shutting down: no new work is taken; %d experiment(s) running", len(self.running))
+            log.info("shutting down: no new work is taken; %d experiment(s) running", self._running)
             self._stopping.set()
+            self._notify()
         if hard:
-            for abort in self.running.values():
-                abort.trigger("the runner is shutting down", hand_back=True)
+            for held in list(self._held.values()):
+                held.abort.trigger(StopCause.SHUTDOWN, "the runner is shutting down")
 
     async def run(self, once: bool = False, handle_signals: bool = False) -> list[Outcome]:
-        """Serve queues until shutdown (or, with ``once``, until every queue is empty and nothing runs)."""
+        """Serve queues until shutdown (or, with ``once``, until every queue is empty and nothing is held)."""
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(self._signals)
@@ -78,12 +142,12 @@ class Supervisor:
             nursery.start_soon(self._rescan_loop)
             async with trio.open_nursery() as work:
                 await self._intake(work, once)
-                if self._stopping.is_set() and self.running:
+                if self._stopping.is_set() and self._held:
                     await self._drain()
             nursery.cancel_scope.cancel()
-        return self.results
+        return list(self.results)
 
-    # -- discovery and intake -------------------------------------------------------------------------------
+    # -- discovery ------------------------------------------------------------------------------------------
     async def _rescan(self) -> None:
         queues: list[tuple[QueueBackend, str]] = []
         for backend in self.backends:
@@ -105,11 +169,42 @@ class Supervisor:
             await trio.sleep(self.s.rescan_interval)
             await self._rescan()
 
+    # -- intake ---------------------------------------------------------------------------------------------
+    async def _intake(self, work: trio.Nursery, once: bool) -> None:
+        outage_logged = False
+        while not self._stopping.is_set():
+            outage = self.health.outage
+            if outage and not outage_logged:
+                log.warning("not taking new work while results cannot be saved (%s)", outage)
+            outage_logged = bool(outage)
+            if self._running < self.s.max_running and not outage:
+                got = await self._receive_any()
+                if got is not None:
+                    self._start(work, *got)
+                    continue
+                if once and not self._held and (self._queues or not await self._any_queue_later()):
+                    return
+            elif once and not self._held and outage:
+                log.error("giving up --once: %s", outage)
+                return
+            wait = self.s.poll_interval if self._running < self.s.max_running and not outage else 5.0
+            with trio.move_on_after(wait):
+                async with trio.open_nursery() as waiter:
+                    waiter.start_soon(_wake_on, self._wake, waiter.cancel_scope)
+                    waiter.start_soon(_wake_on_health, self.health, waiter.cancel_scope)
+
+    def _notify(self) -> None:
+        self._wake.set()
+        self._wake = trio.Event()
+
     async def _receive_any(self) -> tuple[QueueBackend, Delivery] | None:
         """One message from the next queue that has one, round-robin so no queue starves another."""
         queues = list(self._queues)
+        now = trio.current_time()
         for offset in range(len(queues)):
             backend, name = queues[(self._next + offset) % len(queues)]
+            if self._paused_until.get((backend.kind, name), 0.0) > now:
+                continue
             try:
                 delivery = await backend.receive(name)
             except Exception as exc:
@@ -120,33 +215,31 @@ class Supervisor:
                 return backend, delivery
         return None
 
-    async def _intake(self, work: trio.Nursery, once: bool) -> None:
-        while not self._stopping.is_set():
-            if len(self.running) < self.s.max_running:
-                got = await self._receive_any()
-                if got is not None:
-                    work.start_soon(self._handle, *got)
-                    await trio.sleep(0)
-                    continue
-                if once and not self.running:
-                    if self._queues or not await self._any_queue_later():
-                        return
-            self._slot_freed = trio.Event()
-            with trio.move_on_after(self.s.poll_interval if len(self.running) < self.s.max_running else 3600):
-                async with trio.open_nursery() as waiter:
-                    waiter.start_soon(_wake_on, self._stopping, waiter.cancel_scope)
-                    waiter.start_soon(_wake_on, self._slot_freed, waiter.cancel_scope)
-
     async def _any_queue_later(self) -> bool:
         """With --once and no queue yet: rescan once more so a just-created queue is not missed."""
         await self._rescan()
         return bool(self._queues)
 
+    def _start(self, work: trio.Nursery, backend: QueueBackend, delivery: Delivery) -> None:
+        """Reserve the slot now, before the task runs: the count of running attempts is exact."""
+        record = self.registry.claim(delivery.queue, backend.kind, delivery.message_id, delivery.attempt)
+        held = _Held(backend, delivery, record)
+        self._held[record.attempt_id] = held
+        self._running += 1
+        work.start_soon(self._handle, held)
+
+    def _free_slot(self, held: _Held) -> None:
+        self._running -= 1
+        if held.disk_reserved:  # room was made: queues left alone for not fitting may fit now
+            held.disk_reserved = 0
+            self._paused_until.clear()
+        self._notify()
+
     async def _drain(self) -> None:
-        if self.s.drain_timeout > 0:
+        if self.s.drain_timeout > 0 and self._running:
             log.info("waiting up to %.0fs for running experiments to finish", self.s.drain_timeout)
             with trio.move_on_after(self.s.drain_timeout):
-                while self.running:
+                while self._running:
                     await trio.sleep(0.1)
         self.shutdown(hard=True)
 
@@ -164,64 +257,128 @@ class Supervisor:
                     self.shutdown(hard=True)
 
     # -- one message ----------------------------------------------------------------------------------------
-    async def _handle(self, backend: QueueBackend, delivery: Delivery) -> None:
-        token = id(delivery)
-        abort = Abort()
-        self.running[token] = abort
+    async def _handle(self, held: _Held) -> None:
+        outcome: Outcome | None = None
         try:
-            outcome = await self._process(backend, delivery, abort)
-            await self._settle(delivery, outcome)
-            self.results.append(outcome)
+            async with trio.open_nursery() as watchers:
+                watchers.start_soon(self._keep_alive, held)
+                watchers.start_soon(self._watch_claim, held)
+                try:
+                    outcome = await self._process(held, watchers)
+                except Exception as exc:  # a bug of ours: the message goes back, the runner keeps serving
+                    log.error("internal error handling message %s", held.delivery.message_id, exc_info=exc)
+                    outcome = self._outcome_for(held, Status.FAULT, Action.HAND_BACK,
+                                                f"internal error: {type(exc).__name__}")
+                finally:
+                    self._free_slot(held)
+                self.registry.finish(held.record, outcome)
+                await self._back_off(held, outcome)
+                watchers.cancel_scope.cancel()
+            await self._settle(held, outcome)
         finally:
-            del self.running[token]
-            self._slot_freed.set()
+            self._held.pop(held.record.attempt_id, None)
+            self._notify()
 
-    async def _process(self, backend: QueueBackend, delivery: Delivery, abort: Abort) -> Outcome:
+    async def _process(self, held: _Held, watchers: trio.Nursery) -> Outcome:
+        delivery = held.delivery
+        request = await self._parse(held)
+        if isinstance(request, Outcome):
+            return request
+        exp = request.experiment
+        self.registry.identify(held.record, exp.key, exp.project)
+        refusal = self._admission_refusal(request)
+        if refusal is not None:
+            self._paused_until[(held.backend.kind, delivery.queue)] = trio.current_time() + self.s.refused_pause
+            log.info("experiment %s from %s does not fit now (%s): released, queue left alone for %.0fs",
+                     exp.key, delivery.queue, refusal, self.s.refused_pause)
+            return self._outcome_for(held, Status.DEFERRED, Action.RELEASE, f"does not fit: {refusal}",
+                                     key=exp.key)
+        if self.s.admission is not None:
+            held.disk_reserved = self.s.admission.need(request)
+        log.info("experiment %s from %s %s (attempt %d, id %s) starting", exp.key, held.backend.kind,
+                 delivery.queue, delivery.attempt, held.record.attempt_id)
+        self._warn_if_broker_may_requeue(held.backend, request, exp.key)
+        watchers.start_soon(self._watch_queue, held)
+        return await self.executor.run(request, queue=delivery.queue, attempt=delivery.attempt,
+                                       abort=held.abort, record=held.record)
+
+    async def _parse(self, held: _Held) -> Request | Outcome:
+        body = held.delivery.body
         try:
-            request = parse_request(delivery.body)
+            if len(body) > _BIG_BODY:
+                return await trio.to_thread.run_sync(parse_request, body)
+            return parse_request(body)
         except RequestInvalid as exc:
             log.error("message %s on %s is not a valid request, setting it aside: %s",
-                      delivery.message_id, delivery.queue, exc)
-            return Outcome(key=delivery.message_id, status="invalid", action="set_aside", reason=str(exc),
-                           queue=delivery.queue, finished=time.time())
-        key = request.experiment.key
-        log.info("experiment %s from %s %s (attempt %d) starting", key, backend.kind, delivery.queue,
-                 delivery.attempt)
-        self._warn_if_broker_may_requeue(backend, request, key)
-        async with trio.open_nursery() as watchers:
-            watchers.start_soon(self._watch_queue, backend, delivery.queue, abort)
-            watchers.start_soon(self._watch_claim, delivery, key, abort)
-            outcome = await self.executor.run(request, queue=delivery.queue, attempt=delivery.attempt,
-                                              abort=abort)
-            watchers.cancel_scope.cancel()
+                      held.delivery.message_id, held.delivery.queue, exc)
+            return self._outcome_for(held, Status.INVALID, Action.SET_ASIDE, str(exc))
+
+    def _admission_refusal(self, request: Request) -> str | None:
+        if self.s.admission is None:
+            return None
+        reserved = sum(h.disk_reserved for h in self._held.values())
+        return self.s.admission.refusal(request, reserved)
+
+    def _outcome_for(self, held: _Held, status: Status, action: Action, reason: str,
+                     key: str | None = None) -> Outcome:
+        outcome = Outcome(key=key or held.delivery.message_id, status=status, action=action, reason=reason,
+                          attempt_id=held.record.attempt_id, attempt=held.delivery.attempt,
+                          queue=held.delivery.queue, started=held.record.claimed_at, finished=time.time())
         return outcome
 
-    async def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
+    async def _back_off(self, held: _Held, outcome: Outcome) -> None:
+        """Hold a message that failed on our side before handing it back (not when it is the last try)."""
+        if outcome.action is not Action.HAND_BACK or held.delivery.lost.is_set():
+            return
+        if self.s.retries.gives_up(held.delivery.attempt) or self._stopping.is_set():
+            return
+        delay = self.s.retries.delay(held.delivery.attempt)
+        self.registry.phase(held.record, Phase.BACKOFF)
+        log.info("experiment %s: attempt %d failed on the runner's side (%s); handing it back in %.0fs",
+                 outcome.key, held.delivery.attempt, outcome.reason, delay)
+        with trio.move_on_after(delay):
+            async with trio.open_nursery() as waiter:
+                waiter.start_soon(_wake_on, self._stopping, waiter.cancel_scope)
+                waiter.start_soon(_wake_on, held.delivery.lost, waiter.cancel_scope)
+
+    async def _settle(self, held: _Held, outcome: Outcome) -> None:
+        delivery = held.delivery
         action = outcome.action
-        if action == "nack" and self.s.retries.gives_up(delivery.attempt):
-            action = "set_aside"
+        if action is Action.HAND_BACK and self.s.retries.gives_up(delivery.attempt):
+            action = Action.SET_ASIDE
             outcome.reason = f"{outcome.reason} (gave up after {delivery.attempt} attempts)"
+        outcome.action = action
+        self.results.append(outcome)
+        self.status_counts[outcome.status] += 1
         summary = f"{outcome.status} in {outcome.seconds:.1f}s" + (f": {outcome.reason}" if outcome.reason
                                                                     else "")
-        level = logging.INFO if outcome.status == "success" else logging.WARNING
-        log.log(level, "experiment %s on %s: %s", outcome.key, outcome.queue, summary)
+        level = logging.INFO if outcome.status in (Status.SUCCESS, Status.DEFERRED) else logging.WARNING
+        log.log(level, "experiment %s on %s: %s (attempt %d, %s)", outcome.key, outcome.queue, summary,
+                delivery.attempt, _ACTION_WORDS[action])
         if delivery.lost.is_set():
-            log.warning("experiment %s: the queue took its message back while it ran; not acknowledging "
-                        "(it may run again elsewhere, its artifacts are overwritten atomically)", outcome.key)
+            log.warning("experiment %s: the queue took its message back while it ran; not acknowledging it (it "
+                        "may run again elsewhere, its artifacts are overwritten atomically)", outcome.key)
+            self.registry.settle(held.record, None)
             return
+        self.registry.phase(held.record, Phase.SETTLING)
         with trio.CancelScope(shield=True):
             try:
-                if action == "ack":
+                if action is Action.ACK:
                     await delivery.ack()
-                elif action == "nack":
+                elif action is Action.HAND_BACK:
                     await delivery.nack()
+                elif action is Action.RELEASE:
+                    await delivery.release()
                 else:
                     await delivery.set_aside(f"{outcome.status}: {outcome.reason}")
             except Exception as exc:  # the broker will redeliver: at least once, never lost
                 log.error("could not %s message of %s: %s", action, outcome.key, exc)
+        self.registry.settle(held.record, action)
 
-    async def _watch_queue(self, backend: QueueBackend, queue: str, abort: Abort) -> None:
+    # -- watchers -------------------------------------------------------------------------------------------
+    async def _watch_queue(self, held: _Held) -> None:
         """The experimenter deletes the queue to abort its experiments (spec queues.md §6)."""
+        backend, queue = held.backend, held.delivery.queue
         while True:
             await trio.sleep(self.s.abort_check_interval)
             try:
@@ -231,30 +388,50 @@ class Supervisor:
                 continue
             if not exists:
                 log.warning("queue %s was deleted: aborting its experiment", queue)
-                abort.trigger(f"queue {queue} was deleted")
+                held.abort.trigger(StopCause.QUEUE_DELETED, f"queue {queue} was deleted")
                 self._queues = [q for q in self._queues if q != (backend, queue)]  # until a rescan lists it
                 return
 
-    async def _watch_claim(self, delivery: Delivery, key: str, abort: Abort) -> None:
+    async def _watch_claim(self, held: _Held) -> None:
+        delivery = held.delivery
         await delivery.lost.wait()
-        why = getattr(delivery, "lost_reason", None) or "channel closed or lease expired"
-        log.warning("experiment %s: the queue took its message back while it runs (%s); it keeps running, "
-                    "its results are uploaded, and the requeued copy may run again elsewhere", key, why)
-        abort.note(f"the queue took this experiment's message back while it ran ({why}); results are still "
-                   "uploaded, and the requeued copy may run again", claim_lost=why)
+        why = delivery.lost_reason or "channel closed or lease expired"
+        log.warning("experiment %s: the queue took its message back while we hold it (%s); a running "
+                    "experiment keeps running, its results are uploaded, and the requeued copy may run again "
+                    "elsewhere", held.record.key or delivery.message_id, why)
+        held.abort.note(f"the queue took this experiment's message back while it ran ({why}); results are "
+                        "still uploaded, and the requeued copy may run again", claim_lost=why)
+
+    async def _keep_alive(self, held: _Held) -> None:
+        while True:
+            await trio.sleep(self.s.keep_alive_interval)
+            try:
+                await held.delivery.keep_alive()
+            except Exception as exc:
+                log.warning("renewing the claim on message %s failed: %s", held.delivery.message_id, exc)
 
     def _warn_if_broker_may_requeue(self, backend: QueueBackend, request: Request, key: str) -> None:
         """RabbitMQ before 3.11.15 closes a delivery's channel after its node-wide consumer timeout."""
-        warn = getattr(backend, "deadline_warning", None)
-        if warn is None:
-            return
         limits = [request.experiment.max_duration, request.config.experiment_lifetime]
         known = [limit for limit in limits if limit]
-        message = warn(min(known + [self.executor.s.deadline.cap_seconds]))
+        message = backend.deadline_warning(min(known + [self.executor.max_seconds]))
         if message:
             log.warning("experiment %s: %s", key, message)
 
 
+_ACTION_WORDS = {
+    Action.ACK: "acknowledged",
+    Action.HAND_BACK: "handed back for another attempt",
+    Action.RELEASE: "released (no attempt counted)",
+    Action.SET_ASIDE: "set aside",
+}
+
+
 async def _wake_on(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
+    scope.cancel()
+
+
+async def _wake_on_health(health: StorageHealth, scope: trio.CancelScope) -> None:
+    await health.wait_changed()
     scope.cancel()

@@ -1,18 +1,14 @@
-"""The executor's pure helpers (command line, environment, metadata URLs) and the credentials it borrows."""
+"""What an experiment is started with (command line, environment), metadata URLs, and borrowed credentials."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from studio_runner.executor import (
-    command_line,
-    expand_value,
-    experiment_environment,
-    metadata_object_url,
-)
+from studio_runner.launch import command_line, expand_value, expanded_secrets, experiment_environment
 from studio_runner.request import parse_request
 from studio_runner.storage.base import Credentials
+from studio_runner.sync import metadata_object_url
 
 
 def make_request(env=None, cpus=1, artifacts=None):
@@ -40,7 +36,8 @@ def test_experiment_environment(tmp_path):
     runner_env = {"PATH": "/usr/bin", "AMQP_URL": "amqp://u:p@h/", "PYTHONHOME": "/x"}
     env = experiment_environment(runner_env, request, tmp_path / "venv", tmp_path / "ab12.0", tmp_path,
                                  tmp_path / "tmp")
-    assert env["PATH"] == "/usr/bin:./bin"  # config.env wins, with the runner's PATH expanded
+    # config.env's PATH is used, with the runner's PATH expanded, but the venv's bin stays first
+    assert env["PATH"] == f"{tmp_path / 'venv' / 'bin'}:/usr/bin:./bin"
     assert "AMQP_URL" not in env and "PYTHONHOME" not in env and "STUDIOML_ARTIFACT_MAPPING" not in env
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["PYTHONUNBUFFERED"] == "1"
     assert env["STUDIOML_EXPERIMENT"] == "ab12.0" and env["STUDIOML_HOME"] == str(tmp_path)
@@ -68,3 +65,31 @@ def test_metadata_goes_to_the_bucket_root():
         "qualified": "s3://h:9000/bucket/experiments/k/_metadata.tar"}})
     url = metadata_object_url(request.experiment.artifacts["_metadata"], "scrape-host-a.json")
     assert url == "s3://h:9000/bucket/metadata/scrape-host-a.json"
+
+
+def test_environment_is_built_from_an_explicit_base(tmp_path):
+    """The runner's own secrets never reach the experiment unless named with --pass-env (issue item 7)."""
+    runner_env = {"PATH": "/usr/bin", "HOME": "/home/r", "LANG": "C.UTF-8", "TZ": "UTC", "TERM": "xterm",
+                  "HTTPS_PROXY": "http://u:pw@proxy:3128", "AWS_SECRET_ACCESS_KEY": "runner-aws-secret",
+                  "GITHUB_TOKEN": "ghp_runner_token", "SOME_TOOL_SETTING": "x", "STUDIOML_HOME": "/elsewhere"}
+    request = make_request(env={"MY_VAR": "mine", "TOKEN_COPY": "%GITHUB_TOKEN%"})
+    env = experiment_environment(runner_env, request, tmp_path / "venv", tmp_path / "ab12.0", tmp_path,
+                                 tmp_path / "tmp")
+    for name in ("HOME", "LANG", "TZ", "TERM", "HTTPS_PROXY"):
+        assert env[name] == runner_env[name]
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "GITHUB_TOKEN" not in env and "SOME_TOOL_SETTING" not in env
+    assert env["MY_VAR"] == "mine" and env["STUDIOML_HOME"] == str(tmp_path)
+    assert env["TOKEN_COPY"] == "ghp_runner_token"  # %NAME% still reads the runner's environment...
+    assert expanded_secrets(request, env) == ["ghp_runner_token"]  # ...and the masker is told
+    passed = experiment_environment(runner_env, request, tmp_path / "venv", tmp_path / "ab12.0", tmp_path,
+                                    tmp_path / "tmp", pass_env=["SOME_TOOL_SETTING", "NOT_SET"])
+    assert passed["SOME_TOOL_SETTING"] == "x" and "NOT_SET" not in passed
+
+
+def test_venv_bin_stays_first_whatever_config_env_says(tmp_path):
+    venv_bin = str(tmp_path / "venv" / "bin")
+    for path in ("./bin:%PATH%", "/opt/bin", f"/opt/bin:{venv_bin}", ""):
+        env = experiment_environment({"PATH": "/usr/bin"}, make_request(env={"PATH": path}), tmp_path / "venv",
+                                     tmp_path / "ab12.0", tmp_path, tmp_path / "tmp")
+        parts = env["PATH"].split(":")
+        assert parts[0] == venv_bin and parts.count(venv_bin) == 1, env["PATH"]

@@ -1,0 +1,198 @@
+"""Saving an attempt's work: checkpoints while it runs, the final uploads, the metadata document.
+
+Rules (spec README, "Stored work is never reduced"; lifecycle.md §7 and §8):
+
+* A mutable artifact is uploaded only when it was fully restored at the start (or did not exist) and the
+  experiment's process actually ran: a failed, interrupted, over-budget or corrupt restore never replaces
+  the stored object with less than it had.
+* ``output`` is this attempt's own log: uploaded when the experiment ran, or when the attempt is final (its
+  message is acknowledged or set aside), so the experimenter can read why; a fault before the run (the
+  message goes back) leaves the previous attempt's log in place.
+* Unchanged directories are not uploaded again (fingerprints); ``_metadata`` goes last, after the final
+  scrape.
+* An experiment that has finished holds its results on local disk: the final upload is retried with back-off
+  for a long window (``--upload-retry-window``) before the message is handed back, and the experiment is
+  not run again meanwhile. A full disk is met by freeing what the upload does not need (the experiment's
+  temporary directory and its immutable inputs) and trying once more.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from studio_runner import artifacts, metadata
+from studio_runner.errors import DiskFull, RunnerError, StorageError, is_disk_full
+from studio_runner.outputlog import OutputLog
+from studio_runner.policies import Backoff
+from studio_runner.request import Artifact, Request
+from studio_runner.storage import Stores
+from studio_runner.units import format_duration
+
+log = logging.getLogger(__name__)
+
+UPLOAD_TRY_TIMEOUT = 600.0
+"""One try of the final upload may take this long before it counts as failed."""
+
+OUTPUT_LABEL = "output"
+METADATA_LABEL = "_metadata"
+
+
+class ArtifactSync:
+    """Uploads one attempt's mutable artifacts and metadata document, skipping what must not or need not go."""
+
+    def __init__(self, stores: Stores, request: Request, expdir: Path, output: OutputLog,
+                 scraper: metadata.MetadataScraper, scrape_name: str,
+                 on_checkpoint: Callable[[bool], None] | None = None) -> None:
+        self.stores = stores
+        self.request = request
+        self.expdir = expdir
+        self.output = output
+        self.scraper = scraper
+        self.scrape_name = scrape_name
+        self.on_checkpoint = on_checkpoint
+        self.ran = False
+        """Set when the experiment's process started: only then are restored artifacts uploaded."""
+        self.restored: set[str] = set()
+        """Mutable labels fully restored (or absent in storage) at the start of this attempt."""
+        self.fingerprints: dict[str, str | None] = {}
+        self.metadata_url: str | None = None
+        self._lock = trio.Lock()
+
+    def mark_restored(self, label: str) -> None:
+        """``label`` was restored whole (or did not exist): it may be uploaded once the experiment ran."""
+        self.restored.add(label)
+        self.fingerprints[label] = artifacts.dir_fingerprint(self.expdir / label)
+
+    def url_of(self, label: str) -> str | None:
+        artifact = self.request.experiment.artifacts.get(label)
+        return artifact.locator if artifact else None
+
+    def uploadable(self, include_output: bool) -> list[Artifact]:
+        """The mutable artifacts this attempt may write back now, by the rules in the module docstring."""
+        chosen = []
+        for label, artifact in sorted(self.request.experiment.artifacts.items()):
+            if not artifact.mutable or label == METADATA_LABEL or not artifact.locator:
+                continue
+            if label == OUTPUT_LABEL:
+                if include_output:
+                    chosen.append(artifact)
+            elif self.ran and label in self.restored:
+                chosen.append(artifact)
+        return chosen
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    async def periodically(self, interval: float) -> None:
+        """Checkpoint every ``interval`` seconds while the experiment runs; a failure waits for the next."""
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self.upload_all(include_output=True)
+            except (RunnerError, OSError) as exc:
+                log.warning("checkpoint of %s failed (the next one retries): %s",
+                            self.request.experiment.key, exc)
+            else:
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(False)
+
+    async def upload_all(self, include_output: bool) -> None:
+        async with self._lock:
+            self.output.flush()
+            for artifact in self.uploadable(include_output):
+                self.fingerprints[artifact.label] = await artifacts.upload_artifact(
+                    artifact, self.expdir, self.stores, self.fingerprints.get(artifact.label))
+            await self._upload_metadata()
+
+    # -- the final upload ----------------------------------------------------------------------------------
+    async def save_results(self, *, include_output: bool, window: float, backoff: Backoff,
+                           give_up: Callable[[], bool], wake: trio.Event) -> None:
+        """The final upload, retried with ``backoff`` for up to ``window`` seconds; raises RunnerError when it
+        gives up (``give_up()`` true after a failure, e.g. the runner is stopping at once)."""
+        started = trio.current_time()
+        tries = 0
+        freed = False
+        while True:
+            tries += 1
+            try:
+                with trio.fail_after(UPLOAD_TRY_TIMEOUT):
+                    await self.upload_all(include_output)
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(True)
+                if tries > 1:
+                    log.info("results of %s saved on try %d", self.request.experiment.key, tries)
+                return
+            except (RunnerError, OSError, trio.TooSlowError) as exc:
+                error = _as_runner_error(exc)
+            if isinstance(error, DiskFull):
+                if freed:
+                    raise error
+                freed = True
+                log.warning("%s: freeing the experiment's temporary files and inputs to save its results", error)
+                await trio.to_thread.run_sync(self._free_space)
+                continue
+            delay = backoff.delay(tries)
+            spent = trio.current_time() - started
+            if give_up() or spent + delay > window:
+                self._forget_failing_endpoints()
+                raise StorageError(f"results not saved after {tries} tries in {format_duration(spent)}: "
+                                   f"{error}") from None
+            log.warning("saving the results of %s failed (try %d; retrying in %.0fs, for up to %s): %s",
+                        self.request.experiment.key, tries, delay, format_duration(window), error)
+            with trio.move_on_after(delay):
+                await wake.wait()
+
+    def _free_space(self) -> None:
+        shutil.rmtree(self.expdir / "_runner" / "tmp", ignore_errors=True)
+        shutil.rmtree(self.expdir / ".downloads", ignore_errors=True)
+        for label, artifact in self.request.experiment.artifacts.items():
+            if not artifact.mutable and label not in (OUTPUT_LABEL, METADATA_LABEL):
+                shutil.rmtree(self.expdir / label, ignore_errors=True)
+
+    def _forget_failing_endpoints(self) -> None:
+        for artifact in self.request.experiment.artifacts.values():
+            if artifact.mutable and artifact.locator:
+                self.stores.health.forget(artifact.locator)
+
+    # -- metadata -----------------------------------------------------------------------------------------
+    async def _upload_metadata(self) -> None:
+        artifact = self.request.experiment.artifacts.get(METADATA_LABEL)
+        folder = self.expdir / METADATA_LABEL
+        folder.mkdir(exist_ok=True)
+        text = None if self.scraper.empty else self.scraper.to_json()
+        await trio.to_thread.run_sync(metadata.write_document_text, text, folder / self.scrape_name)
+        if artifact is None or not artifact.mutable or not artifact.locator:
+            return
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):  # dot-files are writes in progress
+                url = metadata_object_url(artifact, path.relative_to(folder).as_posix())
+                await self.stores.for_url(url).put(path, url, artifact.access_credentials)
+                if path.name == self.scrape_name:
+                    self.metadata_url = url
+
+
+def _as_runner_error(exc: BaseException) -> RunnerError:
+    if isinstance(exc, RunnerError):
+        return exc
+    if is_disk_full(exc):
+        return DiskFull(f"no space left to pack the results: {exc}")
+    if isinstance(exc, trio.TooSlowError):
+        return StorageError(f"the upload took longer than {UPLOAD_TRY_TIMEOUT:.0f}s")
+    return StorageError(f"{type(exc).__name__}: {exc}")
+
+
+def metadata_object_url(artifact: Artifact, name: str) -> str:
+    """``metadata/<name>`` at the root of the bucket the ``_metadata`` locator names (metadata.md §4)."""
+    locator = artifact.locator or ""
+    key = artifact.key or ""
+    if key and locator.endswith(key):
+        return locator[: len(locator) - len(key)] + "metadata/" + name
+    match = re.match(r"^(s3://[^/]+/[^/]+/)", locator)
+    if match:
+        return match.group(1) + "metadata/" + name
+    return locator.rsplit("/", 1)[0] + "/metadata/" + name
+

@@ -1,0 +1,257 @@
+"""The supervisor's decisions, fast and in-process: the memory queue (contract-tested like the real backends)
+and a scripted executor that plays outcomes, under trio's mock clock so back-offs take no real time.
+
+What is checked here is the supervisor's own logic (exact concurrency, ack / hand back / release / set
+aside, back-off, shutdown, lost claims, storage outages, admission); the real executor, processes and
+backends are exercised end to end in test_end_to_end.py and test_rabbitmq_runner.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from studio_runner.attempt import Abort, Action, Outcome, Phase, Status, StopCause
+from studio_runner.events import AttemptRecord, Finished, PhaseChanged, Registry, Settled
+from studio_runner.policies import Backoff, DiskAdmission, Retries
+from studio_runner.queues.memory import MemoryQueue
+from studio_runner.request import Request
+from studio_runner.storage import StorageHealth
+from studio_runner.supervisor import IntakeSettings, Supervisor
+
+QUEUE = "local_sup"
+
+
+def body(key: str, hdd: str | None = None) -> bytes:
+    resources = {"hdd": hdd} if hdd else {}
+    return json.dumps({"experiment": {"key": key, "filename": "x.py", "artifacts": {},
+                                      "resources_needed": resources}, "config": {}}).encode()
+
+
+class ScriptedExecutor:
+    """Plays ``script[key]`` (a list of (seconds, status, action), one per call for that key; the last one
+    repeats) and records concurrency, attempt numbers and attempt ids."""
+
+    max_seconds = 3600.0
+
+    def __init__(self, script: dict[str, list[tuple[float, Status, Action]]] | None = None,
+                 default: tuple[float, Status, Action] = (0.5, Status.SUCCESS, Action.ACK),
+                 rng: random.Random | None = None) -> None:
+        self.script = script or {}
+        self.default = default
+        self.rng = rng
+        self.running = 0
+        self.peak = 0
+        self.calls: list[tuple[str, int, str, float]] = []
+        self._count: Counter[str] = Counter()
+
+    async def run(self, request: Request, *, queue: str = "", attempt: int = 1, abort: Abort | None = None,
+                  record: AttemptRecord | None = None) -> Outcome:
+        key = request.experiment.key
+        plays = self.script.get(key, [self.default])
+        seconds, status, action = plays[min(self._count[key], len(plays) - 1)]
+        self._count[key] += 1
+        if self.rng is not None:
+            seconds *= self.rng.uniform(0.1, 2.0)
+        assert record is not None and abort is not None
+        self.calls.append((key, attempt, record.attempt_id, trio.current_time()))
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            with trio.move_on_after(seconds):
+                await abort.event.wait()
+            if abort.cause is StopCause.SHUTDOWN:
+                status, action = Status.INTERRUPTED, Action.HAND_BACK
+        finally:
+            self.running -= 1
+        return Outcome(key=key, status=status, action=action, attempt_id=record.attempt_id, attempt=attempt,
+                       queue=queue, finished=trio.current_time())
+
+
+def make(executor: ScriptedExecutor, queue: MemoryQueue, **settings: object) -> Supervisor:
+    options: dict[str, object] = {"poll_interval": 0.05, "rescan_interval": 1.0, "abort_check_interval": 1.0,
+                                  "retries": Retries(3, Backoff(1.0, 8.0))}
+    options.update(settings)
+    return Supervisor([queue], executor, IntakeSettings(**options))  # type: ignore[arg-type]
+
+
+def run_once(supervisor: Supervisor, seed: int = 0) -> list[Outcome]:
+    clock = trio.testing.MockClock(autojump_threshold=0, rate=0)
+    random.seed(seed)
+    return trio.run(lambda: supervisor.run(once=True), clock=clock)
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_concurrency_limit_is_exact_under_randomised_scheduling(limit: int) -> None:
+    """Issue item 5: eight short experiments, many schedules, never more than ``limit`` at once."""
+    for seed in range(40):
+        queue = MemoryQueue([QUEUE])
+        for n in range(8):
+            queue.publish(QUEUE, body(f"k{n}"))
+        executor = ScriptedExecutor(rng=random.Random(seed))
+        run_once(make(executor, queue, max_running=limit), seed)
+        assert executor.peak == limit, (seed, executor.peak)
+        assert len(queue.acked) == 8 and not queue.pending(QUEUE)
+
+
+def test_each_action_is_carried_out() -> None:
+    queue = MemoryQueue([QUEUE])
+    for key in ("ok", "failed", "aside", "released"):
+        queue.publish(QUEUE, body(key))
+    queue.publish(QUEUE, b"{not json")
+    executor = ScriptedExecutor({
+        "failed": [(1, Status.FAILED, Action.ACK)],
+        "aside": [(1, Status.INVALID, Action.SET_ASIDE)],
+        "released": [(1, Status.DEFERRED, Action.RELEASE), (1, Status.SUCCESS, Action.ACK)],
+    })
+    outcomes = run_once(make(executor, queue))
+    assert sorted(json.loads(r.body)["experiment"]["key"] for r in queue.acked) == ["failed", "ok", "released"]
+    released = [r for r in queue.acked if b"released" in r.body][0]
+    assert released.attempt == 1  # a release does not count an attempt
+    assert [r.body for r in queue.set_aside_items] == [body("aside"), b"{not json"]
+    assert "not JSON" in (queue.set_aside_items[1].reason or "")
+    assert {c[0] for c in executor.calls} == {"ok", "failed", "aside", "released"}  # never for bad JSON
+    assert sorted(o.status.value for o in outcomes) == sorted(
+        ["success", "failed", "invalid", "deferred", "success", "invalid"])
+
+
+def test_hand_backs_back_off_and_give_up_after_max_attempts() -> None:
+    """Issue item 6: attempts of one message are spaced by the back-off, each with its own id."""
+    queue = MemoryQueue([QUEUE])
+    queue.publish(QUEUE, body("flaky"))
+    queue.publish(QUEUE, body("broken"))
+    executor = ScriptedExecutor({
+        "flaky": [(0.1, Status.FAULT, Action.HAND_BACK), (0.1, Status.SUCCESS, Action.ACK)],
+        "broken": [(0.1, Status.FAULT, Action.HAND_BACK)],
+    })
+    supervisor = make(executor, queue, max_running=2, retries=Retries(3, Backoff(4.0, 100.0)))
+    run_once(supervisor)
+    assert [r.attempt for r in queue.acked] == [2]
+    assert [(r.attempt, "gave up after 3 attempts" in (r.reason or "")) for r in queue.set_aside_items] == \
+        [(3, True)]
+    broken = [c for c in executor.calls if c[0] == "broken"]
+    assert [c[1] for c in broken] == [1, 2, 3]
+    gaps = [later[3] - earlier[3] for earlier, later in zip(broken, broken[1:])]
+    assert 2.0 <= gaps[0] <= 4.5 and 4.0 <= gaps[1] <= 8.5, gaps  # 4 s then 8 s, jittered to [50%, 100%]
+    ids = [c[2] for c in executor.calls]
+    assert len(set(ids)) == len(ids)
+
+
+def test_backoff_frees_the_slot_for_other_work() -> None:
+    queue = MemoryQueue([QUEUE])
+    queue.publish(QUEUE, body("flaky"))
+    queue.publish(QUEUE, body("other"))
+    executor = ScriptedExecutor({"flaky": [(0.1, Status.FAULT, Action.HAND_BACK),
+                                           (0.1, Status.SUCCESS, Action.ACK)]})
+    run_once(make(executor, queue, max_running=1, retries=Retries(3, Backoff(50.0, 100.0))))
+    order = [(c[0], c[1]) for c in executor.calls]
+    assert order == [("flaky", 1), ("other", 1), ("flaky", 2)]
+    other_start = executor.calls[1][3]
+    assert other_start < 1.0  # ran while the flaky message waited out its back-off
+
+
+def test_hard_shutdown_stops_running_experiments_and_hands_back_at_once() -> None:
+    queue = MemoryQueue([QUEUE])
+    for key in ("long1", "long2", "waiting"):
+        queue.publish(QUEUE, body(key))
+    executor = ScriptedExecutor(default=(1000.0, Status.SUCCESS, Action.ACK))
+    supervisor = make(executor, queue, max_running=2, retries=Retries(3, Backoff(500.0, 500.0)))
+
+    async def scenario() -> list[Outcome]:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(supervisor.run)
+            await trio.sleep(5)
+            assert supervisor.running == 2
+            supervisor.shutdown(hard=True)
+        return list(supervisor.results)
+
+    outcomes = trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert sorted(o.status.value for o in outcomes) == ["interrupted", "interrupted"]
+    assert sorted(r.attempt for r in queue.nacked) == [1, 1]  # handed back (counted), without a back-off
+    assert queue.pending(QUEUE) == [body("long1"), body("long2"), body("waiting")]  # places kept
+    assert executor.peak == 2
+
+
+def test_lost_claim_is_never_settled() -> None:
+    queue = MemoryQueue([QUEUE])
+    queue.publish(QUEUE, body("lost"))
+    executor = ScriptedExecutor(default=(10.0, Status.SUCCESS, Action.ACK))
+    supervisor = make(executor, queue)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(supervisor.run)
+            await trio.sleep(2)
+            queue.lose(queue.in_flight[0], reason="consumer timeout")
+            await trio.sleep(20)
+            supervisor.shutdown()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert not queue.acked and not queue.set_aside_items  # the broker took it back: nothing to settle
+    finished = supervisor.registry.finished()
+    assert finished[0].key == "lost" and finished[0].status is Status.SUCCESS and finished[0].action is None
+
+
+def test_intake_pauses_while_results_cannot_be_saved() -> None:
+    queue = MemoryQueue([QUEUE])
+    health = StorageHealth()
+    executor = ScriptedExecutor(default=(1.0, Status.SUCCESS, Action.ACK))
+    supervisor = Supervisor([queue], executor, IntakeSettings(poll_interval=0.05, rescan_interval=1.0),
+                            health=health)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(supervisor.run)
+            await trio.sleep(1)
+            health.upload_failed("s3://minio:9000/bucket/k/output.tar", OSError("connection reset"))
+            for n in range(3):
+                queue.publish(QUEUE, body(f"k{n}"))
+            await trio.sleep(60)
+            assert executor.calls == [] and len(queue.pending(QUEUE)) == 3  # nothing taken meanwhile
+            health.upload_succeeded("s3://minio:9000/bucket/other")
+            await trio.sleep(10)
+            supervisor.shutdown()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(queue.acked) == 3
+
+
+def test_requests_that_do_not_fit_are_released_uncounted(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    queue = MemoryQueue(["local_a", "local_b"])
+    huge = body("huge", hdd=f"{free * 4}")
+    queue.publish("local_a", huge)
+    queue.publish("local_b", body("small", hdd="1mb"))
+    executor = ScriptedExecutor()
+    admission = DiskAdmission(tmp_path, reserve=0)
+    run_once(make(executor, queue, admission=admission, max_running=1))
+    assert [c[0] for c in executor.calls] == ["small"]
+    assert queue.pending("local_a") == [huge]  # back in line, not set aside, no attempt counted
+    assert not queue.nacked and [json.loads(r.body)["experiment"]["key"] for r in queue.acked] == ["small"]
+    assert queue.released and queue.released[0].attempt == 1
+
+
+def test_registry_stamps_phases_and_stays_bounded() -> None:
+    queue = MemoryQueue([QUEUE])
+    for n in range(30):
+        queue.publish(QUEUE, body(f"k{n}"))
+    executor = ScriptedExecutor(default=(0.1, Status.SUCCESS, Action.ACK))
+    supervisor = make(executor, queue, max_running=4, keep_results=10)
+    supervisor.registry = Registry("test-host", keep_finished=5)
+    events: list[object] = []
+    supervisor.registry.bus.subscribe(events.append)
+    outcomes = run_once(supervisor)
+    assert len(outcomes) == 10 and len(supervisor.registry.finished()) == 5
+    assert len(supervisor.registry) == 0  # nothing left live
+    assert sum(isinstance(e, Settled) for e in events) == 30 and sum(isinstance(e, Finished) for e in events) == 30
+    last = supervisor.registry.finished()[-1]
+    assert [p for p, _ in last.phases] == [Phase.CLAIMED, Phase.SETTLING, Phase.DONE]
+    assert last.key and last.status is Status.SUCCESS and last.action is Action.ACK
+    assert any(isinstance(e, PhaseChanged) and e.phase is Phase.SETTLING for e in events)
