@@ -82,8 +82,10 @@ def local_mode(args: argparse.Namespace) -> None:
     script_dir = base / "script"
     script_dir.mkdir()
     (script_dir / "trivial.py").write_text("print('hello')\n")
-    env = dict(os.environ, QUEUE_ROOT=str(queue_root), WORKING_DIR=str(work), LOG_LEVEL="warning",
-               ENV_CACHE_DIR=args.env_cache_dir or str(base / "envs"), POLL_INTERVAL="0.02s",
+    env = dict(os.environ, STUDIO_RUNNER_QUEUE_ROOT=str(queue_root), STUDIO_RUNNER_WORKING_DIR=str(work),
+               STUDIO_RUNNER_LOG_LEVEL="warning",
+               STUDIO_RUNNER_ENV_CACHE_DIR=args.env_cache_dir or str(base / "envs"),
+               STUDIO_RUNNER_POLL_INTERVAL="0.05s",
                PYTHONPATH=str(REPO))
     runner = subprocess.Popen([sys.executable, str(REPO / "runner.py"), "run"], env=env)
     try:
@@ -149,8 +151,10 @@ def rabbitmq_mode(args: argparse.Namespace) -> None:
     work = base / "work"
     work.mkdir()
     env = dict(os.environ, AMQP_URL="amqp://guest:guest@127.0.0.1:5672/%2f", QUEUE_MATCH=f"^{queue}$",
-               WORKING_DIR=str(work), LOG_LEVEL="warning", POLL_INTERVAL="0.05s", RESCAN_INTERVAL="1s",
-               ENV_CACHE_DIR=args.env_cache_dir or str(cache_root() / "envs"), PYTHONPATH=str(REPO))
+               STUDIO_RUNNER_WORKING_DIR=str(work), STUDIO_RUNNER_LOG_LEVEL="warning",
+               STUDIO_RUNNER_POLL_INTERVAL="0.05s", STUDIO_RUNNER_RESCAN_INTERVAL="1s",
+               STUDIO_RUNNER_ENV_CACHE_DIR=args.env_cache_dir or str(cache_root() / "envs"),
+               PYTHONPATH=str(REPO))
     client_env = dict(os.environ, STUDIOML_HOME=str(base / "home"))
     client_env.pop("PYTHONPATH", None)
     runner = subprocess.Popen([sys.executable, str(REPO / "runner.py"), "run"], env=env)

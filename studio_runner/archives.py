@@ -5,8 +5,13 @@ Archives are recognised by content, never by name: the client has written bzip2 
 plain tar under ``.tar.gz`` (message.md §3.3). Extraction trusts nothing in the archive. On top of tarfile's
 ``data`` filter (required: without it we refuse to unpack at all) it refuses absolute names, ``..``
 components, members placed through a symlink, link targets that leave the directory even lexically, hard
-links to anything but a file extracted earlier, and special files, and it counts every byte written against
-the disk budget.
+links to anything but a file extracted earlier, and special files. It charges every entry
+:data:`ENTRY_COST` on top of its bytes against the disk budget (50,000 empty files are not free: each costs
+an inode and a block) and refuses archives of more than :data:`MAX_ENTRIES` entries whatever the budget.
+
+Faults are told apart by whether another attempt could change them: an archive that is corrupt, not an
+archive at all, unsafe or too big fails the experiment (``ArchiveCorrupt``, ``ArchiveUnsafe``,
+``ArtifactTooLarge``); a full disk is ``DiskFull`` and other I/O errors are ``ArtifactError``, both retried.
 
 Outputs are packed the way the client's ``untar_artifact`` reads them (``tarfile.open(name, 'r')``, any
 compression): bare relative member names, Go-style (``output.tar`` holds ``output``), except single-file
@@ -15,19 +20,34 @@ artifacts such as ``retval``, whose sole member is ``./retval`` so the client tu
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import lzma
+import math
 import os
 import re
 import stat
 import tarfile
+import time
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from studio_runner.errors import ArchiveUnsafe, ArtifactError
+from studio_runner.errors import (
+    ArchiveCorrupt,
+    ArchiveTooManyEntries,
+    ArchiveUnsafe,
+    ArtifactError,
+    ArtifactTooLarge,
+    DiskFull,
+    is_disk_full,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +61,15 @@ _MAGIC = (
     (b"PK\x05\x06", "zip"),  # an empty zip
 )
 _TAR_READ = {"gzip": "r:gz", "bzip2": "r:bz2", "xz": "r:xz", "zstd": "r:zst", "tar": "r:"}
-_CORRUPT = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, RuntimeError)
+# gzip.BadGzipFile is an OSError: it must be caught as corruption before OSError is taken for an I/O fault.
+_CORRUPT = (
+    tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError, RuntimeError
+)
+
+ENTRY_COST = 4096
+"""Bytes charged per archive entry on top of its data: roughly the inode and block every file costs."""
+MAX_ENTRIES = 1_000_000
+"""No archive may hold more entries than this, whatever the budget (also when the request names no hdd)."""
 
 
 # --------------------------------------------------------------------------- detection and extraction
@@ -58,10 +86,16 @@ def detect_compression(path: Path) -> str:
     for magic, kind in _MAGIC:
         if head.startswith(magic):
             if kind == "zstd" and not _tar_supports("zst"):
-                raise ArtifactError(f"{path.name}: zstd-compressed archives are not supported by this Python")
+                raise ArchiveCorrupt(
+                    f"{path.name}: zstd-compressed archives cannot be read by this runner's Python; "
+                    "repack it as a tar (plain, gzip, bzip2 or xz) or zip"
+                )
             return kind
     if not tarfile.is_tarfile(path):
-        raise ArtifactError(f"{path.name}: not an archive (no known compression and not a tar)")
+        raise ArchiveCorrupt(
+            f"{path.name}: not an archive (no known compression and not a tar); send a tar or zip, or mark "
+            "the artifact unpack: false to receive the file as it is"
+        )
     return "tar"
 
 
@@ -122,19 +156,59 @@ def _check_symlink_target(parts: list[str], linkname: str, shown: str) -> None:
                 raise _unsafe(shown, f"symlink target {linkname!r} leaves the directory")
 
 
-class _TarGuard:
-    """tarfile extraction filter: our checks, then tarfile's ``data`` filter, then the byte budget."""
+class _Charges:
+    """What an extraction has cost so far: file bytes plus a fixed cost per entry, and the entry count."""
 
-    def __init__(self, dest: Path, max_bytes: int) -> None:
+    def __init__(
+        self, max_bytes: int, entry_cost: int, max_entries: int, check: Callable[[], None] | None
+    ) -> None:
+        self.max_bytes, self.entry_cost, self.max_entries = max_bytes, entry_cost, max_entries
+        self.check = check
+        self.charged = 0
+        self.entries = 0
+
+    def entry(self, shown: str, size: int) -> None:
+        """Charge one entry of ``size`` data bytes before it is written; raise once over a limit."""
+        if self.check is not None:
+            self.check()  # e.g. trio.from_thread.check_cancelled: stop between members when cancelled
+        self.entries += 1
+        if self.entries > self.max_entries:
+            raise ArchiveTooManyEntries(
+                f"archive has more than {self.max_entries} entries, more than any archive may hold; "
+                "pack the files into fewer, larger ones"
+            )
+        self.charged += self.entry_cost + size
+        self.over(shown)
+
+    def data(self, shown: str, n: int) -> None:
+        """Charge ``n`` more data bytes of the entry being written (zip, whose sizes may lie)."""
+        if self.check is not None:
+            self.check()
+        self.charged += n
+        self.over(shown)
+
+    def over(self, shown: str) -> None:
+        if self.charged > self.max_bytes:
+            raise ArtifactTooLarge(
+                f"archive member {shown!r}: the archive expands beyond the budget of {self.max_bytes} bytes "
+                f"(file bytes plus {self.entry_cost} bytes per entry, {self.entries} entries so far); "
+                "raise the request's hdd (resources_needed) or make the artifact smaller"
+            )
+
+
+class _TarGuard:
+    """tarfile extraction filter: our checks, then tarfile's ``data`` filter, then the budget."""
+
+    def __init__(self, dest: Path, charges: _Charges) -> None:
         self.dest = dest
-        self.max_bytes = max_bytes
-        self.written = 0
+        self.charges = charges
         self.files: set[str] = set()
 
     def __call__(self, member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
         shown = member.name
         parts = _member_parts(member.name, shown)
         if not parts:
+            self.charges.entry(shown, 0)  # counted all the same: the cap bounds time and memory too
             return None  # "./": the directory itself
         if member.isdev():
             raise _unsafe(shown, "device or FIFO")
@@ -153,10 +227,8 @@ class _TarGuard:
         except tarfile.FilterError as exc:  # type: ignore[attr-defined]
             raise _unsafe(shown, str(exc)) from None
         key = "/".join(parts)
+        self.charges.entry(shown, member.size if member.isreg() else 0)
         if member.isreg():
-            self.written += member.size
-            if self.written > self.max_bytes:
-                raise _unsafe(shown, f"archive expands beyond the budget of {self.max_bytes} bytes")
             self.files.add(key)
         else:
             self.files.discard(key)
@@ -164,13 +236,43 @@ class _TarGuard:
         return filtered
 
 
-def _extract_tar(archive: Path, dest: Path, max_bytes: int, mode: str) -> int:
+_END_ATTR = "_studio_runner_end"
+_DRAIN_LIMIT = 64 << 20
+
+
+class _EndTracker(tarfile.TarInfo):
+    """Remembers why tarfile stopped reading headers.
+
+    tarfile takes an unreadable header anywhere after the first member for the end of the archive, so a
+    damaged or truncated archive would be restored in part, silently; :func:`_extract_tar` refuses that.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.HeaderError as exc:
+            setattr(tf, _END_ATTR, exc)
+            raise
+
+
+def _extract_tar(archive: Path, dest: Path, charges: _Charges, mode: str) -> None:
     if not hasattr(tarfile, "data_filter"):
         raise ArtifactError("this Python's tarfile has no extraction filters (needs 3.10.12+/3.11.4+/3.12+)")
-    guard = _TarGuard(dest, max_bytes)
-    with tarfile.open(archive, mode) as tf:  # type: ignore[call-overload]
-        tf.extractall(dest, filter=guard)
-    return guard.written
+    guard = _TarGuard(dest, charges)
+    with tarfile.open(archive, mode, tarinfo=_EndTracker) as tf:  # type: ignore[call-overload]
+        tf.extractall(dest, filter=guard)  # streams: the guard sees each member as it is read
+        end = getattr(tf, _END_ATTR, None)  # EOFHeaderError/EmptyHeaderError: the archive's proper end
+        if type(end).__name__ in ("InvalidHeaderError", "TruncatedHeaderError"):  # not in typeshed
+            raise ArchiveCorrupt(
+                f"{archive.name}: damaged or truncated after {tf.offset} bytes ({end}); re-upload it"
+            )
+        # Read what follows the end marker, so compressed streams verify their checksums (gzip's CRC).
+        drained = 0
+        while drained < _DRAIN_LIMIT and (chunk := tf.fileobj.read(_CHUNK)):  # type: ignore[union-attr]
+            drained += len(chunk)
+            if charges.check is not None:
+                charges.check()
 
 
 def _zip_mode(info: zipfile.ZipInfo, shown: str) -> int:
@@ -187,8 +289,7 @@ def _zip_mode(info: zipfile.ZipInfo, shown: str) -> int:
     return mode if mode & 0o100 else mode & ~0o111
 
 
-def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> int:
-    written = 0
+def _extract_zip(archive: Path, dest: Path, charges: _Charges) -> None:
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             shown = info.filename
@@ -196,39 +297,57 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> int:
             if not parts:
                 continue
             if info.is_dir():
+                charges.entry(shown, 0)
                 _check_parents(dest, parts, shown).mkdir(parents=True, exist_ok=True)
                 continue
             mode = _zip_mode(info, shown)
+            charges.entry(shown, 0)  # the data is charged as it is written: the sizes in a zip may lie
             target = _check_parents(dest, parts, shown)
             target.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with zf.open(info) as src, os.fdopen(fd, "wb") as out:
                 while chunk := src.read(_CHUNK):
-                    written += len(chunk)
-                    if written > max_bytes:
-                        raise _unsafe(shown, f"archive expands beyond the budget of {max_bytes} bytes")
+                    charges.data(shown, len(chunk))
                     out.write(chunk)
             os.chmod(target, mode)
-    return written
 
 
-def safe_extract(archive: Path, dest: Path, max_bytes: int) -> int:
-    """Unpack a tar (plain/gz/bz2/xz) or zip into ``dest``; returns the file bytes written.
+def safe_extract(
+    archive: Path,
+    dest: Path,
+    max_bytes: int,
+    *,
+    entry_cost: int = ENTRY_COST,
+    max_entries: int = MAX_ENTRIES,
+    check: Callable[[], None] | None = None,
+) -> int:
+    """Unpack a tar (plain/gz/bz2/xz) or zip into ``dest``; returns what it charged against ``max_bytes``.
 
-    Raises ArchiveUnsafe for anything that could escape ``dest`` or break the budget, ArtifactError for
-    data that is not a readable archive. ``dest`` may hold partial content after a failure.
+    The charge is the file bytes written plus ``entry_cost`` per entry (file, directory or link). Raises
+    ArchiveUnsafe for anything that could escape ``dest``, ArtifactTooLarge past ``max_bytes`` or
+    ``max_entries``, ArchiveCorrupt for data that is not a readable archive, DiskFull when the disk fills up
+    and ArtifactError for other I/O errors. ``check`` is called before each entry and each chunk of zip data
+    (pass ``trio.from_thread.check_cancelled`` to make a worker thread's extraction cancellable). ``dest`` may
+    hold partial content after a failure: unpack into scratch space.
     """
     kind = detect_compression(archive)
     dest.mkdir(parents=True, exist_ok=True)
     real_dest = Path(os.path.realpath(dest))
+    charges = _Charges(max_bytes, entry_cost, max_entries, check)
     try:
         if kind == "zip":
-            return _extract_zip(archive, real_dest, max_bytes)
-        return _extract_tar(archive, real_dest, max_bytes, _TAR_READ[kind])
+            _extract_zip(archive, real_dest, charges)
+        else:
+            _extract_tar(archive, real_dest, charges, _TAR_READ[kind])
     except _CORRUPT as exc:
-        raise ArtifactError(f"{archive.name}: cannot read {kind} archive: {exc}") from exc
+        raise ArchiveCorrupt(f"{archive.name}: cannot read {kind} archive ({exc}); re-upload it") from exc
     except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFull(f"no space left while unpacking {archive.name}: {exc}") from exc
+        if exc.errno is None:  # raised by a decompressor about its data (bz2: "Invalid data stream")
+            raise ArchiveCorrupt(f"{archive.name}: cannot read {kind} archive ({exc}); re-upload it") from exc
         raise ArtifactError(f"{archive.name}: unpacking failed: {exc}") from exc
+    return charges.charged
 
 
 # --------------------------------------------------------------------------- packing and fingerprints
@@ -327,9 +446,16 @@ def pack_dir(src: Path, out: Path, key: str, single_file: str | None = None) -> 
     (see :data:`SINGLE_FILE_LABELS`); a reader that unpacks into a directory gets the same file either way.
     Files that vanish while packing are left out; a file that changes size keeps its stat size (see
     :class:`_Exactly`); sockets, FIFOs and devices are skipped.
+
+    Every member's mtime is the packing time rounded up to the next whole second (or the file's own, if
+    later): the client's ``CompletionService`` accepts a ``retval`` only when its extracted mtime is later
+    than the moment it submitted the task, and tar keeps whole seconds, so a fast experiment's result
+    stamped with its real (truncated) mtime would never be collected (spec README, "Completion-service
+    timing").
     """
     mode, options = _tar_write_mode(key)
     lone = _single_file_name(src, single_file)
+    stamp = math.ceil(time.time())
     with tarfile.open(out, mode, copybufsize=_CHUNK, **options) as tf:  # type: ignore[call-overload]
         added: set[str] = set()
         for rel in _entries(src):
@@ -346,7 +472,7 @@ def pack_dir(src: Path, out: Path, key: str, single_file: str | None = None) -> 
                 continue
             if info.islnk() and info.linkname not in added:  # its first name was skipped: store the data
                 info.type, info.linkname = tarfile.REGTYPE, ""
-            info.mtime = int(info.mtime)
+            info.mtime = max(stamp, math.ceil(info.mtime))
             if info.isreg():
                 try:
                     fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)

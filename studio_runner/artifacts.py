@@ -1,19 +1,29 @@
 """Artifacts in and out of an experiment directory (lifecycle.md §4 and §8).
 
 Inputs are downloaded whole to a scratch directory, unpacked there (:mod:`studio_runner.archives`) and only
-then moved into ``<expdir>/<label>/``, so a refused or broken archive never leaves half its content where a
-later upload of a mutable artifact would pick it up. Outputs are packed to a scratch file and put to their
-locator only when they changed since the last download or upload.
+then put in ``<expdir>/<label>/`` with one rename, so a refused, broken, over-budget or interrupted
+(cancelled) restore never leaves any of its content where a later upload of a mutable artifact would pick it
+up and overwrite the stored work with less (spec README, "Stored work is never reduced").
+:func:`fetch_artifact` says exactly what happened (:class:`Restored`) and raises on every failure; the
+caller uploads a mutable artifact only after ``PLACED`` or ``ABSENT``. Outputs are packed to a scratch file
+and put to their locator only when they changed since the last download or upload.
+
+Faults say whether another attempt can help: content that can never be used (corrupt, not an archive,
+unsafe, over the request's ``hdd``) is ``ArtifactRejected``/``ArchiveUnsafe`` (FAIL); storage trouble, a full
+disk (``DiskFull``) and other I/O errors are retried.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import errno
 import logging
 import os
 import shutil
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -21,13 +31,23 @@ from urllib.parse import urlsplit
 import trio
 
 from studio_runner.archives import (  # noqa: F401  (re-exported: the artifact API in one place)
+    ENTRY_COST,
+    MAX_ENTRIES,
     SINGLE_FILE_LABELS,
     detect_compression,
     dir_fingerprint,
     pack_dir,
     safe_extract,
 )
-from studio_runner.errors import ArtifactError, ObjectNotFound, RequestInvalid
+from studio_runner.errors import (
+    ArchiveTooManyEntries,
+    ArtifactError,
+    ArtifactTooLarge,
+    DiskFull,
+    ObjectNotFound,
+    RequestInvalid,
+    is_disk_full,
+)
 from studio_runner.request import Artifact
 from studio_runner.storage import Stores, redact_url
 from studio_runner.storage.base import Credentials, ObjectInfo, ObjectStore
@@ -35,6 +55,26 @@ from studio_runner.storage.base import Credentials, ObjectInfo, ObjectStore
 log = logging.getLogger(__name__)
 
 METADATA_LABEL = "_metadata"
+
+
+class Restored(enum.Enum):
+    """What :func:`fetch_artifact` did; every failure raises instead.
+
+    A mutable artifact may be uploaded later only after ``PLACED`` or ``ABSENT``: anything else would
+    replace the stored object with less. Truthy only for ``PLACED`` (content was put in place).
+    """
+
+    PLACED = "placed"
+    """The whole object is in ``<expdir>/<label>/`` (unpacked, or as one file)."""
+    ABSENT = "absent"
+    """A mutable artifact that does not exist yet: its directory is empty and starts from nothing."""
+    SKIPPED = "skipped"
+    """Nothing to fetch: the artifact has no locator, or is ``_metadata`` (written by the runner)."""
+
+    def __bool__(self) -> bool:
+        return self is Restored.PLACED
+
+
 class DownloadCache(Protocol):
     """What ``fetch_artifact`` needs of the download cache (studio_runner.cache.ArtifactCache)."""
 
@@ -44,22 +84,47 @@ class DownloadCache(Protocol):
 
 
 class DiskBudget:
-    """The ``hdd`` download budget: every byte an attempt writes while placing its inputs counts.
+    """The ``hdd`` download budget: every byte an attempt writes while placing its inputs counts, and every
+    unpacked entry :data:`ENTRY_COST` on top.
 
-    ``limit`` of None or 0 (``hdd`` absent) means no limit.
+    ``limit`` of None or 0 (``hdd`` absent) means no limit. Going over the request's ``hdd`` is the
+    request's fault (``ArtifactTooLarge``, FAIL); with ``free_space`` the limit is the free disk space
+    instead, and going over it is ``DiskFull`` (RETRY: another runner, or this one later, may have room).
     """
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, *, free_space: bool = False) -> None:
         self.limit = limit or None
         self.remaining: int = limit if limit else sys.maxsize
+        self.free_space = free_space and bool(limit)
+
+    @classmethod
+    def for_request(cls, hdd: int, where: Path) -> DiskBudget:
+        """The request's ``hdd`` when it names one, else the space free at ``where`` now."""
+        if hdd:
+            return cls(hdd)
+        return cls(shutil.disk_usage(where).free, free_space=True)
 
     def check(self, n: int, what: str) -> None:
+        """Raise unless ``n`` more bytes fit."""
         if n > self.remaining:
-            raise ArtifactError(f"{what} needs {n} bytes; only {self.remaining} of the hdd budget are left")
+            raise self.exceeded(f"{what} needs {n} bytes; only {self.remaining} of the {self._name} are left")
 
     def take(self, n: int, what: str = "download") -> None:
+        """Charge ``n`` bytes (after ``check``)."""
         self.check(n, what)
         self.remaining -= n
+
+    @property
+    def _name(self) -> str:
+        return "free disk space" if self.free_space else "hdd budget"
+
+    def exceeded(self, message: str) -> ArtifactError | DiskFull:
+        """The error for going over this budget: the request's fault, or a full disk."""
+        if self.free_space:
+            return DiskFull(f"{message}: the disk is too full for this experiment's inputs")
+        return ArtifactTooLarge(
+            f"{message}: raise the request's hdd (resources_needed) or make the artifact smaller"
+        )
 
 
 # --------------------------------------------------------------------------- transfers
@@ -98,14 +163,43 @@ def _make_label_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-def _move_contents(tree: Path, label_dir: Path) -> None:
-    for name in sorted(os.listdir(tree)):
-        target = label_dir / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif os.path.lexists(target):
-            target.unlink()
-        os.replace(tree / name, target)
+def _install_tree(tree: Path, label_dir: Path) -> None:
+    """Make the unpacked ``tree`` the content of ``label_dir``, all of it or (on any error) none of it.
+
+    An empty label directory (the normal case) is swapped for the tree with one rename. Otherwise the
+    entries are moved one by one and, on failure, those already moved are removed again.
+    """
+    os.chmod(tree, 0o700)
+    try:
+        os.rmdir(label_dir)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    else:
+        try:
+            os.rename(tree, label_dir)
+        except BaseException:
+            _make_label_dir(label_dir)
+            raise
+        return
+    moved: list[Path] = []
+    try:
+        for name in sorted(os.listdir(tree)):
+            target = label_dir / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                target.unlink()
+            os.replace(tree / name, target)
+            moved.append(target)
+    except BaseException:
+        for target in moved:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    target.unlink()
+        raise
 
 
 def _place_file(blob: Path, target: Path) -> None:
@@ -117,26 +211,38 @@ def _place_file(blob: Path, target: Path) -> None:
     os.replace(blob, target)
 
 
+def _io_error(exc: OSError, what: str) -> DiskFull | ArtifactError:
+    if is_disk_full(exc):
+        return DiskFull(f"no space left while putting {what} in place: {exc}")
+    return ArtifactError(f"cannot put {what} in place: {exc}")
+
+
 async def fetch_artifact(
     artifact: Artifact,
     expdir: Path,
     stores: Stores,
     budget: DiskBudget,
     cache: DownloadCache | None = None,
-) -> bool:
-    """Put an input artifact in ``<expdir>/<label>/``; True when content was placed.
+) -> Restored:
+    """Put an input artifact in ``<expdir>/<label>/`` and say what was done (:class:`Restored`).
 
     The directory is created (0700) in every case. A mutable artifact that does not exist yet is normal
-    (False); a missing immutable one raises ArtifactError. Only immutable artifacts go through ``cache``.
+    (``ABSENT``); a missing immutable one raises ArtifactError. Only immutable artifacts go through ``cache``.
+    Every failure raises, and on failure or cancellation nothing of the artifact is in the directory: it is
+    downloaded and unpacked in scratch space under ``<expdir>/.downloads`` (removed in every case) and put in
+    place with one rename. Content that can never be used raises ``ArtifactRejected`` or ``ArchiveUnsafe``
+    (FAIL); a full disk raises ``DiskFull``; storage and other I/O errors are retried.
     """
+    what = f"artifact {artifact.label}"
     label_dir = _label_dir(expdir, artifact.label)
-    await trio.to_thread.run_sync(_make_label_dir, label_dir)
     url = artifact.locator
-    if artifact.label == METADATA_LABEL or not url:
-        return False
-    store = stores.for_url(url)
-    scratch = await trio.to_thread.run_sync(_scratch_dir, expdir / ".downloads")
+    scratch: Path | None = None
     try:
+        await trio.to_thread.run_sync(_make_label_dir, label_dir)
+        if artifact.label == METADATA_LABEL or not url:
+            return Restored.SKIPPED
+        store = stores.for_url(url)
+        scratch = await trio.to_thread.run_sync(_scratch_dir, expdir / ".downloads")
         blob = scratch / "object"
         try:
             if cache is not None and not artifact.mutable:
@@ -145,25 +251,34 @@ async def fetch_artifact(
                 await store.get(url, blob, artifact.access_credentials)
         except ObjectNotFound:
             if artifact.mutable:
-                return False
+                return Restored.ABSENT
             shown = redact_url(url)
             raise ArtifactError(f"immutable artifact {artifact.label} not found at {shown}") from None
         size = (await trio.to_thread.run_sync(os.stat, blob)).st_size
-        what = f"artifact {artifact.label}"
         if not artifact.unpack:
             budget.take(size, what)
             target = label_dir / _object_name(artifact, url)
             await trio.to_thread.run_sync(_place_file, blob, target)
-            return True
+            return Restored.PLACED
         budget.check(size, what)
         tree = scratch / "tree"
-        written = await trio.to_thread.run_sync(safe_extract, blob, tree, budget.remaining)
-        budget.take(written, what)
-        await trio.to_thread.run_sync(_move_contents, tree, label_dir)
-        return True
+        try:
+            charged = await trio.to_thread.run_sync(
+                partial(safe_extract, blob, tree, budget.remaining, check=trio.from_thread.check_cancelled)
+            )
+        except ArtifactTooLarge as exc:
+            if budget.free_space and not isinstance(exc, ArchiveTooManyEntries):
+                raise DiskFull(f"{what}: {exc}: the disk is too full for this experiment's inputs") from exc
+            raise
+        budget.take(charged, what)
+        await trio.to_thread.run_sync(_install_tree, tree, label_dir)
+        return Restored.PLACED
+    except OSError as exc:
+        raise _io_error(exc, what) from exc
     finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_tidy, scratch)
+        if scratch is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_tidy, scratch)
 
 
 def _prepare_upload(
@@ -179,8 +294,10 @@ def _prepare_upload(
     packed = scratch / "artifact.tar"
     try:
         pack_dir(label_dir, packed, key, single_file)
-    except BaseException:
+    except BaseException as exc:
         _tidy(scratch)
+        if isinstance(exc, OSError) and is_disk_full(exc):
+            raise DiskFull(f"no space left while packing {label_dir.name} for upload: {exc}") from exc
         raise
     return fingerprint, packed
 

@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import trio
 
-from studio_runner.errors import ObjectNotFound, StorageError
+from studio_runner.errors import DiskFull, ObjectNotFound, StorageError, is_disk_full
 from studio_runner.storage.base import Credentials, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -109,9 +109,18 @@ class ArtifactCache:
         """Same contract as ``store.get(url, dest, credentials)``, served from the cache when possible.
 
         The object is always stat'ed with the caller's credentials first, so the cache never hands an object
-        to a caller the store would refuse.
+        to a caller the store would refuse. No space left, in the cache or at ``dest``, raises ``DiskFull``.
         """
-        dest = Path(dest)
+        try:
+            return await self._fetch(store, url, credentials, Path(dest))
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFull(f"no space left while caching {public_url(url)} for {dest}: {exc}") from exc
+            raise
+
+    async def _fetch(
+        self, store: ObjectStore, url: str, credentials: Credentials | None, dest: Path
+    ) -> ObjectInfo:
         info = await store.stat(url, credentials)
         if info is None:
             raise ObjectNotFound(f"object not found: {public_url(url)}")

@@ -1,10 +1,20 @@
 """Runner options: one table, three sources.
 
-Every option is a command-line flag (``--cache-dir``), an environment variable (``CACHE_DIR``: upper case,
-dashes to underscores, as the Go runner does) and a key in a TOML file given with ``--config`` (the flag's
-name, dashes or underscores). Precedence: flag > environment > file > default. Unknown keys and bad values
-are errors that name the key and where it came from. Values from every source go through the same parser,
-so ``--max-attempts 3``, ``MAX_ATTEMPTS=3`` and ``max-attempts = 3`` mean the same.
+Every option is a command-line flag (``--cache-dir``), an environment variable ``STUDIO_RUNNER_<NAME>``
+(``STUDIO_RUNNER_CACHE_DIR``: upper case, dashes to underscores) and a key in a TOML file given with
+``--config`` (the flag's name, dashes or underscores). Precedence: flag > environment > file > default.
+Unknown keys and bad values are errors that name the key and where it came from. Values from every source go
+through the same parser, so ``--max-attempts 3``, ``STUDIO_RUNNER_MAX_ATTEMPTS=3`` and ``max-attempts = 3``
+mean the same.
+
+Why a prefix: bare names such as ``DEBUG``, ``LOG_LEVEL``, ``HOSTNAME`` or ``POLL_INTERVAL`` are set by shells
+and other tools, and used to stop the runner, keep every experiment directory or move its root. The bare
+name is still read for the options the Go runner has (``AMQP_URL``, ``QUEUE_MATCH``, ``CACHE_DIR``, ...,
+spec/options.md §2), listed explicitly as ``go_env`` in the table, so Go deployments (Kubernetes ConfigMaps)
+keep working; the prefixed name wins over it. Where such a Go name is also common outside StudioML
+(``DEBUG``, ``WORKING_DIR``, ``CACHE_DIR``, ``CACHE_SIZE``, ``S3_KEY``), a value that does not parse is
+ignored with a warning, and a value that takes effect is announced: both come back in ``Settings.warnings``
+for the caller to log once logging is set up.
 
 The table is the single source for ``--help``, ``config.example.toml`` (``studio-runner config-example``
 prints it) and the README's option list.
@@ -30,6 +40,12 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
+
+ENV_PREFIX = "STUDIO_RUNNER_"
+"""Every option is read from ``STUDIO_RUNNER_<NAME>``; bare names only where ``Option.go_env`` says so."""
+
+HOSTNAME_MAX = 64
+"""POSIX HOST_NAME_MAX; keeps ``studio-runner-<hostname>-<pid>-<hex>`` and metadata file names short."""
 
 
 def _studioml_home() -> Path:
@@ -77,12 +93,32 @@ def _path(text: str) -> Path:
     return Path(os.path.expandvars(os.path.expanduser(text)))
 
 
+def _required_path(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return _path(text)
+
+
 def _optional_path(text: str) -> Path | None:
     return _path(text) if text.strip() else None
 
 
 def _path_list(text: str) -> list[Path]:
     return [_path(part) for part in text.split(os.pathsep) if part.strip()]
+
+
+def sanitise_hostname(text: str) -> str:
+    """``text`` made safe as part of a file or directory name: ASCII letters, digits, ``.``, ``_`` and ``-``
+    kept, anything else (``/`` above all) turned into ``_``, no leading dot, at most HOSTNAME_MAX characters.
+
+    The hostname is part of the runner's root directory and of metadata file names, so a value like
+    ``evil/../../x`` must never become a path. Raises ValueError for an empty name."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", text.strip())[:HOSTNAME_MAX]
+    if cleaned.startswith("."):
+        cleaned = "_" + cleaned[1:]
+    if not cleaned:
+        raise ValueError("must not be empty")
+    return cleaned
 
 
 @dataclass(frozen=True)
@@ -97,10 +133,25 @@ class Option:
     """Never print the value (broker URLs with passwords)."""
     doc_default: str | None = None
     """How a machine-dependent default is written in docs (``~/.studioml/queue``)."""
+    go_env: str | None = None
+    """The Go runner's bare variable for this option (spec/options.md §2), read when ``env`` is not set.
+    None: only the prefixed variable is read."""
+    generic: bool = False
+    """``go_env`` is also common outside StudioML: a bad value there is ignored with a warning, and a value
+    that changes the option is announced (see ``effect``)."""
+    effect: str = ""
+    """What a non-default value of a generic ``go_env`` does, for the start-up warning."""
+    minimum: float | None = None
+    """Smallest value accepted (durations where 0 would make a loop spin)."""
 
     @property
     def env(self) -> str:
-        return self.name.upper().replace("-", "_").replace(".", "_")
+        return ENV_PREFIX + self.name.upper().replace("-", "_").replace(".", "_")
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        """The variables read for this option, the one that wins first."""
+        return (self.env, self.go_env) if self.go_env else (self.env,)
 
     @property
     def attr(self) -> str:
@@ -109,40 +160,52 @@ class Option:
     def default_text(self) -> str:
         return self.default() if callable(self.default) else self.default
 
+    def parse_checked(self, raw: str) -> Any:
+        """``parse`` plus the floor, so every source gets the same checks."""
+        value = self.parse(raw)
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"--{self.name} must be at least {self.minimum:g}s "
+                             "(smaller values make the runner spin)")
+        return value
+
 
 OPTIONS: tuple[Option, ...] = (
     # -- where work comes from
     Option("queue-root", _path, lambda: str(_studioml_home() / "queue"),
            "Root of the local directory queues (StudioML local mode: $STUDIOML_HOME/queue). Used when no "
            "broker is configured, or always when set explicitly. Default: $STUDIOML_HOME/queue when "
-           "STUDIOML_HOME is set.", "path", doc_default="~/.studioml/queue"),
+           "STUDIOML_HOME is set.", "path", doc_default="~/.studioml/queue", go_env="QUEUE_ROOT"),
     Option("queue-match", _regex, r"^(rmq|sqs|local)_.*$",
-           "Serve only queues whose name matches this regex."),
-    Option("queue-mismatch", _regex, "", "Never serve queues whose name matches this regex (empty: none)."),
+           "Serve only queues whose name matches this regex.", go_env="QUEUE_MATCH"),
+    Option("queue-mismatch", _regex, "", "Never serve queues whose name matches this regex (empty: none).",
+           go_env="QUEUE_MISMATCH"),
     Option("amqp-url", str, "", "RabbitMQ URL (amqp://user:pass@host:5672/vhost); empty disables RabbitMQ.",
-           secret=True),
+           secret=True, go_env="AMQP_URL"),
     Option("amqp-mgt-url", str, "", "RabbitMQ management API URL; default: the AMQP host, port + 10000.",
-           secret=True),
+           secret=True, go_env="AMQP_MGT_URL"),
     Option("amqp-consumer-timeout", units.parse_duration, "30m",
            "The broker's delivery-acknowledgement timeout (RabbitMQ consumer_timeout). On brokers that "
            "ignore the per-consumer timeout (before 3.11.15), experiments whose deadline exceeds it get a "
            "warning: the broker will requeue their message while they run.", "duration"),
     Option("poll-interval", units.parse_duration, "0.2s",
-           "How often idle queues are polled for new messages.", "duration"),
+           "How often idle queues are polled for new messages.", "duration", minimum=0.05),
     Option("rescan-interval", units.parse_duration, "10s",
            "How often the set of queues is listed again (new queues served, deleted ones dropped).",
-           "duration"),
+           "duration", minimum=1.0),
     Option("abort-check-interval", units.parse_duration, "10s",
            "How often the queue of a running experiment is checked; deleting the queue aborts it.",
-           "duration"),
+           "duration", minimum=0.5),
     # -- where work happens
-    Option("working-dir", _path, lambda: os.environ.get("TMPDIR") or "/tmp",
+    Option("working-dir", _required_path, lambda: os.environ.get("TMPDIR") or "/tmp",
            "Directory for experiment directories; its filesystem is the disk pool. Default: $TMPDIR when "
-           "set.", "path", doc_default="/tmp"),
-    Option("hostname", str, socket.gethostname,
-           "Name of this runner in attempt ids, metadata and logs. Default: this host's name.",
-           doc_default="gpu-box-1"),
-    Option("debug", _bool, "false", "Keep experiment directories after each attempt.", "bool"),
+           "set.", "path", doc_default="/tmp", go_env="WORKING_DIR", generic=True,
+           effect="puts the runner's directories there"),
+    Option("hostname", sanitise_hostname, socket.gethostname,
+           "Name of this runner in attempt ids, metadata, logs and its directory's name; characters other "
+           "than letters, digits, '.', '_' and '-' become '_'. Default: this host's name ($HOSTNAME is not "
+           "read).", doc_default="gpu-box-1"),
+    Option("debug", _bool, "false", "Keep experiment directories after each attempt.", "bool",
+           go_env="DEBUG", generic=True, effect="keeps experiment directories"),
     Option("log-level", _level, "info", "Runner log level: debug, info, warning, error."),
     # -- python environments
     Option("env-cache-dir", _path, lambda: str(_default_cache_home() / "envs"),
@@ -163,14 +226,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("index-url", str, "", "Package index for environment builds (default: uv's, i.e. PyPI)."),
     # -- artifacts
     Option("cache-dir", _optional_path, "",
-           "Download cache for immutable artifacts; empty disables the cache.", "path"),
-    Option("cache-size", units.parse_size, "10GiB", "Size bound of the artifact cache.", "size"),
+           "Download cache for immutable artifacts; empty disables the cache.", "path",
+           go_env="CACHE_DIR", generic=True, effect="turns the artifact download cache on there"),
+    Option("cache-size", units.parse_size, "10GiB", "Size bound of the artifact cache.", "size",
+           go_env="CACHE_SIZE", generic=True, effect="sets the artifact cache's size bound"),
     Option("allow-env-secrets", _bool, "false",
            "Use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from a request's config.env for artifacts that carry "
-           "no credentials.", "bool"),
-    Option("s3-ca", _optional_path, "", "PEM CA bundle for S3 endpoints; turns TLS on.", "path"),
-    Option("s3-cert", _optional_path, "", "Client certificate for S3 endpoints (with --s3-key).", "path"),
-    Option("s3-key", _optional_path, "", "Client key for S3 endpoints (with --s3-cert).", "path"),
+           "no credentials.", "bool", go_env="ALLOW_ENV_SECRETS"),
+    Option("s3-ca", _optional_path, "", "PEM CA bundle for S3 endpoints; turns TLS on.", "path",
+           go_env="S3_CA"),
+    Option("s3-cert", _optional_path, "", "Client certificate for S3 endpoints (with --s3-key).", "path",
+           go_env="S3_CERT"),
+    Option("s3-key", _optional_path, "", "Client key for S3 endpoints (with --s3-cert).", "path",
+           go_env="S3_KEY", generic=True, effect="is used as the client key for S3 endpoints"),
     # -- lifecycle policies
     Option("max-attempts", _int, "3",
            "Attempts per message for runner-side failures before it is set aside.", "int"),
@@ -179,25 +247,32 @@ OPTIONS: tuple[Option, ...] = (
            "Time between SIGTERM and SIGKILL when an experiment is stopped.", "duration"),
     Option("min-checkpoint-interval", units.parse_duration, "1m",
            "Floor for a request's saveWorkspaceFrequency (mutable artifacts are uploaded that often).",
-           "duration"),
+           "duration", minimum=1.0),
     Option("default-checkpoint-interval", units.parse_duration, "10m",
-           "Checkpoint interval when a request sets no saveWorkspaceFrequency.", "duration"),
+           "Checkpoint interval when a request sets no saveWorkspaceFrequency.", "duration", minimum=1.0),
     Option("drain-timeout", units.parse_duration, "0s",
            "On SIGINT/SIGTERM, how long running experiments may finish before they are stopped and handed "
            "back. A second signal stops them at once.", "duration"),
     Option("schema-logs", _bool, "true",
-           "Record every non-JSON output line in the metadata's studioml.log.", "bool"),
+           "Record every non-JSON output line in the metadata's studioml.log.", "bool", go_env="SCHEMA_LOGS"),
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
 
 
 class Settings:
-    """Resolved option values, as attributes (``settings.cache_dir``), plus where each came from."""
+    """Resolved option values, as attributes (``settings.cache_dir``), plus where each came from.
 
-    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    ``hostname`` is already sanitised for use in paths (``sanitise_hostname``). ``warnings`` holds what the
+    caller should log at start-up (generic environment variables ignored or in effect, a hostname
+    rewritten): resolving happens before logging is configured."""
+
+    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str],
+                 warnings: list[str] | None = None, origins: Mapping[str, str] | None = None) -> None:
         self._values = dict(values)
         self.sources = dict(sources)
+        self.warnings: list[str] = list(warnings or [])
+        self._origins = dict(origins or {})
         for name, value in values.items():
             setattr(self, name.replace("-", "_"), value)
 
@@ -210,7 +285,8 @@ class Settings:
         for option in OPTIONS:
             value = self._values[option.name]
             shown = "****" if option.secret and value else value
-            lines.append(f"{option.name} = {shown!s} ({self.sources[option.name]})")
+            origin = self._origins.get(option.name, self.sources[option.name])
+            lines.append(f"{option.name} = {shown!s} ({origin})")
         return lines
 
     # attribute access is dynamic; these annotations document the common ones for type checkers
@@ -218,16 +294,26 @@ class Settings:
         raise AttributeError(f"no option named {name.replace('_', '-')!r}")
 
 
+def _env_text(option: Option) -> str:
+    """``STUDIO_RUNNER_CACHE_DIR or CACHE_DIR``: the variables read, for --help and the example file."""
+    return " or ".join(option.env_names)
+
+
 def add_option_flags(parser: argparse.ArgumentParser) -> None:
     """Add one flag per option; defaults stay None so we can tell 'not given' from 'given'."""
-    group = parser.add_argument_group("runner options (also as environment variables and TOML keys)")
+    group = parser.add_argument_group(
+        f"runner options (also environment variables {ENV_PREFIX}<NAME>, plus the Go runner's bare name "
+        "where one exists, and TOML keys)")
     group.add_argument("--config", metavar="FILE", help="TOML file with option values (keys as the flags).")
     for option in OPTIONS:
         metavar = option.kind.upper()
         default = option.doc_default or option.default_text()
         if option.secret and default:
             default = "****"
-        help_text = f"{option.help} [env {option.env}; default: {default or 'empty'}]"
+        floor = f"; at least {option.minimum:g}s" if option.minimum is not None else ""
+        help_text = f"{option.help} [env {_env_text(option)}; default: {default or 'empty'}{floor}]"
+        # argparse expands %-formats in help texts
+        help_text = help_text.replace("%", "%%")
         if option.kind == "bool":
             group.add_argument(f"--{option.name}", nargs="?", const="true", default=None, metavar="BOOL",
                                help=help_text)
@@ -258,10 +344,39 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return result
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    raw: str
+    source: str
+    where: str
+    lenient: bool = False
+    """From a generic bare variable: a bad value is skipped with a warning instead of being an error."""
+
+
+def _candidates(option: Option, flags: Mapping[str, Any], environ: Mapping[str, str],
+                from_file: Mapping[str, str], config_file: Path | None) -> list[_Candidate]:
+    """The values offered for ``option``, highest precedence first."""
+    found: list[_Candidate] = []
+    flag_value = flags.get(option.attr)
+    if flag_value is not None:
+        found.append(_Candidate(str(flag_value), "flag", f"--{option.name}"))
+    if option.env in environ:
+        found.append(_Candidate(environ[option.env], "environment", f"environment variable {option.env}"))
+    elif option.go_env and option.go_env in environ:
+        found.append(_Candidate(environ[option.go_env], "environment",
+                                f"environment variable {option.go_env}", lenient=option.generic))
+    if option.name in from_file:
+        found.append(_Candidate(from_file[option.name], "file", f"{config_file}: key {option.name!r}"))
+    found.append(_Candidate(option.default_text(), "default", f"default of --{option.name}"))
+    return found
+
+
 def resolve(flags: Mapping[str, Any] | argparse.Namespace | None = None,
             environ: Mapping[str, str] | None = None,
             config_file: Path | None = None) -> Settings:
-    """Combine flag > environment > file > default into Settings; raise ConfigError naming the bad key."""
+    """Combine flag > environment > file > default into Settings; raise ConfigError naming the bad key.
+
+    Warnings for the caller to log are in ``Settings.warnings``."""
     if isinstance(flags, argparse.Namespace):
         flags = vars(flags)
     flags = dict(flags or {})
@@ -272,29 +387,54 @@ def resolve(flags: Mapping[str, Any] | argparse.Namespace | None = None,
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    origins: dict[str, str] = {}
+    chosen: dict[str, _Candidate] = {}
     problems: list[str] = []
+    warnings: list[str] = []
     for option in OPTIONS:
-        flag_value = flags.get(option.attr)
-        if flag_value is not None:
-            raw, source, where = str(flag_value), "flag", f"--{option.name}"
-        elif option.env in environ:
-            raw, source, where = environ[option.env], "environment", f"environment variable {option.env}"
-        elif option.name in from_file:
-            raw, source, where = from_file[option.name], "file", f"{config_file}: key {option.name!r}"
-        else:
-            raw, source, where = option.default_text(), "default", f"default of --{option.name}"
-        try:
-            values[option.name] = option.parse(raw)
-        except (ValueError, TypeError) as exc:
-            shown = "****" if option.secret else repr(raw)
-            problems.append(f"{where}: bad value {shown}: {exc}")
-            continue
-        sources[option.name] = source
+        for candidate in _candidates(option, flags, environ, from_file, config_file):
+            try:
+                values[option.name] = option.parse_checked(candidate.raw)
+            except (ValueError, TypeError) as exc:
+                if candidate.lenient:
+                    warnings.append(f"ignored {option.go_env}={candidate.raw!r} from the environment "
+                                    f"({exc}); set {option.env} to configure --{option.name}")
+                    continue
+                shown = "****" if option.secret else repr(candidate.raw)
+                problems.append(f"{candidate.where}: bad value {shown}: {exc}")
+                break
+            sources[option.name] = candidate.source
+            origins[option.name] = (f"environment {candidate.where.rsplit(' ', 1)[-1]}"
+                                    if candidate.source == "environment" else candidate.source)
+            chosen[option.name] = candidate
+            break
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    settings = Settings(values, sources)
+    _drop_unpaired_generic_s3_key(values, sources, origins, chosen, warnings)
+    for option in OPTIONS:
+        candidate = chosen[option.name]
+        if candidate.lenient and values[option.name] != option.parse_checked(option.default_text()):
+            warnings.append(f"{option.go_env}={candidate.raw} from the environment {option.effect}; "
+                            f"set {option.env} to be explicit")
+    raw_hostname = chosen["hostname"].raw.strip()
+    if values["hostname"] != raw_hostname:
+        warnings.append(f"hostname {raw_hostname!r} is not safe in file names; using {values['hostname']!r}")
+    settings = Settings(values, sources, warnings, origins)
     _check_combinations(settings)
     return settings
+
+
+def _drop_unpaired_generic_s3_key(values: dict[str, Any], sources: dict[str, str], origins: dict[str, str],
+                                  chosen: dict[str, _Candidate], warnings: list[str]) -> None:
+    """A bare ``S3_KEY`` (a common name for an AWS access key) without an S3 client certificate is someone
+    else's variable: ignore it rather than refuse to start."""
+    if chosen["s3-key"].lenient and values["s3-key"] and not values["s3-cert"]:
+        option = _BY_NAME["s3-key"]
+        warnings.append(f"ignored {option.go_env} from the environment (--s3-key needs --s3-cert, which is "
+                        f"not set); set {option.env} to configure --s3-key")
+        values["s3-key"] = option.parse(option.default_text())
+        sources["s3-key"] = origins["s3-key"] = "default"
+        chosen["s3-key"] = _Candidate(option.default_text(), "default", "default of --s3-key")
 
 
 def _check_combinations(settings: Settings) -> None:
@@ -308,15 +448,22 @@ def example_toml() -> str:
     """config.example.toml, generated from the table so it can never drift from the code."""
     out = [
         "# studio-runner configuration (pass with --config FILE).",
-        "# Every key is also a command-line flag (--key) and an environment variable (KEY in upper case,",
-        "# dashes as underscores). Precedence: flag > environment > this file > default.",
+        "# Every key is also a command-line flag (--key) and an environment variable",
+        f"# {ENV_PREFIX}<KEY> (upper case, dashes as underscores). Options the Go runner has are also read",
+        f"# from its bare variable name (CACHE_DIR), listed below; {ENV_PREFIX}<KEY> wins over it.",
+        "# Precedence: flag > environment > this file > default.",
         "# Each key is shown with its default, commented out. Sizes: 512mb, 4G, 2GiB (k/m/g = 1000^n,",
         "# ki/mi/gi = 1024^n). Durations: 90s, 20m, 1h30m.",
         "",
     ]
     for option in OPTIONS:
         out.extend(textwrap.wrap(option.help, 108, initial_indent="# ", subsequent_indent="# "))
-        out.append(f"# env: {option.env}")
+        env_line = f"# env: {option.env}"
+        if option.go_env:
+            env_line += f", or {option.go_env} (the Go runner's name)"
+        out.append(env_line)
+        if option.minimum is not None:
+            out.append(f"# at least {option.minimum:g}s")
         default = option.doc_default or option.default_text()
         if option.kind in ("bool", "int"):
             out.append(f"# {option.name} = {default}")

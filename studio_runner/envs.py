@@ -23,6 +23,12 @@ other ``UV_*`` settings of the runner's environment (mirrors, ``UV_HTTP_RETRIES`
 
 Callers do the request-specific rewriting before ``acquire``: ``${VAR}`` expansion from ``config.env`` and
 ``tensorflow`` -> ``tensorflow_gpu`` when a GPU is allocated (spec lifecycle.md §5).
+
+Faults: a full disk (uv's "No space left on device", or ENOSPC/EDQUOT from our own writes) is ``DiskFull``
+(retried, never the experiment's fault); network trouble is a retryable ``EnvBuildFailed``; an install that
+fails otherwise is a plain ``EnvBuildFailed`` (FAIL). When the venv itself cannot be created with a matched
+interpreter (it broke, or uv refuses it), the environment is built with the runner's default interpreter
+instead and the output says so (``--strict-python`` fails instead).
 """
 
 from __future__ import annotations
@@ -48,13 +54,14 @@ from pathlib import Path
 
 import trio
 
-from studio_runner.errors import Disposition, EnvBuildFailed
+from studio_runner.errors import DiskFull, Disposition, EnvBuildFailed, InterpreterNotFound, is_disk_full
 from studio_runner.pythons import (  # noqa: F401  (re-exported)
     Interpreter,
     default_interpreter,
     find_interpreter,
     resolve_uv,
     uv_environment,
+    uv_error_summary,
 )
 from studio_runner.redact import mask_patterns
 
@@ -73,8 +80,13 @@ _NAME_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)")
 _EDITABLE_VCS_RE = re.compile(r"^(-e|--editable)(\s+|=)\s*(?=(git|hg|svn|bzr)\+)")
 _TRANSIENT_RE = re.compile(
     r"(?i)error sending request|connection (refused|reset)|timed out|name resolution|could not resolve host"
-    r"|dns error|network is unreachable|failed to fetch|no space left on device"
+    r"|dns error|network is unreachable|failed to fetch"
 )
+_DISK_FULL_RE = re.compile(r"(?i)no space left on device|disk quota exceeded|os error (28|122)\b")
+
+
+class _VenvFailed(EnvBuildFailed):
+    """Creating the venv itself failed with this interpreter (not the network, not the disk)."""
 
 
 # --- requirements and keys ---------------------------------------------------------------------------------
@@ -255,6 +267,32 @@ class EnvCache:
         await self.start()
         interpreter = await self._interpreter(pythonver)
         requirements = normalise_requirements(pythonenv, extra)
+        while True:
+            try:
+                key, fd, built, seconds = await self._ready(interpreter, requirements, log)
+                break
+            except _VenvFailed as exc:
+                interpreter = self._fall_back(pythonver, interpreter, exc, log)
+        env_dir = self.root / key
+        try:
+            _touch(env_dir / LAST_USED_FILE)
+            if built:
+                self.builds += 1
+                try:
+                    await trio.to_thread.run_sync(self._evict, key)
+                except OSError as exc:  # a full cache must not fail the experiment that just got its env
+                    logger.warning("python environment eviction failed: %s", exc)
+            else:
+                self.hits += 1
+            yield PythonEnv(env_dir, env_dir / "bin" / "python", key, not built, interpreter, seconds)
+        finally:
+            _touch(env_dir / LAST_USED_FILE)
+            os.close(fd)
+
+    async def _ready(
+        self, interpreter: Interpreter, requirements: list[str], log: Callable[[str], None]
+    ) -> tuple[str, int, bool, float]:
+        """(key, fd holding its shared lock, built now, build seconds): the environment is ready then."""
         key = env_key(interpreter.version, requirements)
         env_dir, lock_path = self.root / key, self.root / f"{key}.lock"
         built, seconds = False, 0.0
@@ -278,20 +316,27 @@ class EnvCache:
                 if fd >= 0:
                     os.close(fd)
                 raise
-        try:
-            _touch(env_dir / LAST_USED_FILE)
-            if built:
-                self.builds += 1
-                try:
-                    await trio.to_thread.run_sync(self._evict, key)
-                except OSError as exc:  # a full cache must not fail the experiment that just got its env
-                    logger.warning("python environment eviction failed: %s", exc)
-            else:
-                self.hits += 1
-            yield PythonEnv(env_dir, env_dir / "bin" / "python", key, not built, interpreter, seconds)
-        finally:
-            _touch(env_dir / LAST_USED_FILE)
-            os.close(fd)
+        return key, fd, built, seconds
+
+    def _fall_back(
+        self, pythonver: str, failed: Interpreter, exc: _VenvFailed, log: Callable[[str], None]
+    ) -> Interpreter:
+        """The default interpreter in place of ``failed``, whose venv could not be created; or raise."""
+        default = default_interpreter()
+        if failed.path == default.path:
+            raise EnvBuildFailed(str(exc)) from exc
+        why = uv_error_summary(str(exc))
+        reason = (
+            f"requested python {pythonver}, the environment could not be created with {failed.version} "
+            f"at {failed.path} ({why})"
+        )
+        if self.strict_python:
+            raise InterpreterNotFound(f"{reason} and strict python selection is on") from exc
+        log(f"studio-runner: {reason}; building with the default python {default.version} instead")
+        note = f"{reason}; using {default.version}"
+        fallback = Interpreter(default.path, default.version, matched=False, note=note)
+        self._interpreters[pythonver] = fallback
+        return fallback
 
     async def _interpreter(self, pythonver: str) -> Interpreter:
         found = self._interpreters.get(pythonver)
@@ -320,7 +365,13 @@ class EnvCache:
     ) -> float:
         """Build in a temp dir inside ``root``, rename it into place; called holding the exclusive lock."""
         started = time.monotonic()
-        build_dir = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=self.root))
+        try:
+            build_dir = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=self.root))
+        except OSError as exc:
+            lock_path.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise _disk_full(exc, key) from exc
+            raise
         venv, final = build_dir / "venv", self.root / key
         try:
             reqfile = build_dir / "requirements.txt"
@@ -340,8 +391,10 @@ class EnvCache:
             if final.exists():  # a foreign or incomplete directory: never merge into it, delete it below
                 os.rename(final, build_dir / "replaced")
             os.rename(venv, final)
-        except BaseException:
+        except BaseException as exc:
             lock_path.unlink(missing_ok=True)  # we hold it exclusively; waiters notice the new inode
+            if isinstance(exc, OSError) and is_disk_full(exc):
+                raise _disk_full(exc, key) from exc
             raise
         finally:
             with trio.CancelScope(shield=True):
@@ -362,7 +415,7 @@ class EnvCache:
         env, cwd = self._uv_env(), venv.parent
         index = ["--index-url", self.index_url] if self.index_url else []
         venv_cmd = [uv, "venv", "--relocatable", "--seed", "--no-project", "--python", str(interp.path)]
-        await _run_logged([*venv_cmd, *index, str(venv)], env, cwd, log, "uv venv")
+        await _venv_step([*venv_cmd, *index, str(venv)], env, cwd, log, "uv venv")
         if install:
             lines = reqfile.read_text().splitlines()  # uv cannot install VCS checkouts as editables
             reqfile.write_text("".join(_EDITABLE_VCS_RE.sub("", line) + "\n" for line in lines))
@@ -373,7 +426,7 @@ class EnvCache:
         self, interp: Interpreter, venv: Path, reqfile: Path, install: bool, log: Callable[[str], None]
     ) -> None:
         env, cwd = self._uv_env(), venv.parent
-        await _run_logged([str(interp.path), "-m", "venv", str(venv)], env, cwd, log, "python -m venv")
+        await _venv_step([str(interp.path), "-m", "venv", str(venv)], env, cwd, log, "python -m venv")
         if install:
             cmd = [
                 str(venv / "bin" / "python"),
@@ -475,10 +528,27 @@ def _rmtree(path: Path) -> bool:
     return True
 
 
+def _disk_full(exc: OSError, key: str) -> DiskFull:
+    return DiskFull(f"no space left while building python environment {key}: {exc}")
+
+
+async def _venv_step(
+    cmd: list[str], env: dict[str, str], cwd: Path, log: Callable[[str], None], what: str
+) -> None:
+    """Create the venv; a failure that is neither the network nor the disk is the interpreter's fault."""
+    try:
+        await _run_logged(cmd, env, cwd, log, what)
+    except EnvBuildFailed as exc:
+        if exc.disposition is Disposition.FAIL:
+            raise _VenvFailed(str(exc)) from exc
+        raise
+
+
 async def _run_logged(
     cmd: list[str], env: dict[str, str], cwd: Path, log: Callable[[str], None], what: str
 ) -> None:
-    """Run an installer step, sending each output line to ``log``; EnvBuildFailed with the output's tail."""
+    """Run an installer step, sending each output line to ``log``; EnvBuildFailed with the output's tail
+    (retryable when it shows network trouble), DiskFull when it shows a full disk."""
     tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
 
     def emit(raw: bytes) -> None:
@@ -511,6 +581,8 @@ async def _run_logged(
                 await proc.stdout.aclose()
     if status != 0:
         output = mask_patterns("\n".join(tail))  # installer errors may quote requirement URLs
+        if _DISK_FULL_RE.search(output):
+            raise DiskFull(f"{what} ran out of disk space (exit status {status}):\n{output}")
         error = EnvBuildFailed(f"{what} failed with exit status {status}:\n{output}")
         if _TRANSIENT_RE.search(output):
             error.disposition = Disposition.RETRY  # network or disk trouble, not the request's fault

@@ -93,3 +93,26 @@ class EnvBuildFailed(RunnerError):
 
 class InterpreterNotFound(EnvBuildFailed):
     """No interpreter matches ``pythonver`` and ``--strict-python`` is set."""
+
+
+class ArtifactRejected(ArtifactError):
+    """The artifact as stored can never be put in place, whoever tries and however often: fail, don't retry.
+
+    Its message says what the experimenter has to change (re-upload, repack, raise ``hdd``).
+    """
+
+    disposition = Disposition.FAIL
+
+
+class ArchiveCorrupt(ArtifactRejected):
+    """Not a readable archive although ``unpack`` asked for one: truncated or corrupt data, a plain file, a
+    compression this runner cannot read."""
+
+
+class ArtifactTooLarge(ArtifactRejected):
+    """Bigger than the request's ``hdd`` budget: the object itself, or what its archive unpacks to (every
+    entry charged a fixed cost on top of its bytes, so many empty files count too)."""
+
+
+class ArchiveTooManyEntries(ArtifactTooLarge):
+    """More entries than any archive may hold on this runner, whatever the budget (an inode bomb)."""

@@ -3,8 +3,10 @@
 Discovery is uv's (``uv python find``: managed interpreters, PATH, pyenv's global version) plus the
 configured search paths and every pyenv version, because uv stops at the first pyenv shim that is not the
 global one. Each interpreter is probed once and each answer remembered, so discovery costs nothing per
-experiment. Without a match the runner's own interpreter is used and the mismatch explained in a note
-(spec README, "Python version"), or ``InterpreterNotFound`` with ``strict``.
+experiment. A matching interpreter is chosen only if uv can use it (``uv python find <path>`` inspects it the
+way ``uv venv`` will): pyenv's 2.7, a broken build or anything else uv refuses would only fail the attempt.
+Without a usable match the runner's own interpreter is used and the mismatch explained in a note (spec
+README, "Python version"), or ``InterpreterNotFound`` with ``strict``.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ class Interpreter:
 
 
 _discovery_lock = threading.Lock()
-_discovered: dict[tuple[object, ...], Interpreter | None] = {}
+_discovered: dict[tuple[object, ...], tuple[Interpreter | None, str]] = {}
 _probed: dict[str, str | None] = {}
+_refused: dict[tuple[str, str | None], str | None] = {}
 
 
 def default_interpreter() -> Interpreter:
@@ -138,15 +141,46 @@ def _uv_find(uv: str, request: str, allow_downloads: bool) -> Path | None:
     return Path(path) if done.returncode == 0 and path else None
 
 
+def uv_error_summary(text: str) -> str:
+    """The most specific line of uv's error (its last ``cause:``), for a one-line note."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    causes = [line.removeprefix("cause:").strip() for line in lines if line.startswith("cause:")]
+    return (causes or lines or ["no reason given"])[-1][:300]
+
+
+def unusable_reason(path: Path, uv: str | None) -> str | None:
+    """Why uv (or, without uv, ``python -m venv``) cannot build an environment on ``path``; None if it can.
+
+    Asked once per interpreter and remembered: ``uv python find <path>`` runs the same inspection as
+    ``uv venv`` (it refuses Python 2, interpreters without ``-I``, and anything that does not answer like a
+    CPython/PyPy it supports).
+    """
+    key = (str(path), uv)
+    if key not in _refused:
+        if uv:
+            cmd = [uv, "python", "find", "--system", "--no-project", str(path)]
+        else:
+            cmd = [str(path), "-I", "-c", "import venv, sys; sys.exit(sys.version_info < (3, 6))"]
+        try:
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, env=uv_environment(False), timeout=60, check=False
+            )
+            _refused[key] = None if done.returncode == 0 else uv_error_summary(done.stderr or done.stdout)
+        except (OSError, subprocess.SubprocessError) as exc:
+            _refused[key] = f"{type(exc).__name__}: {exc}"
+    return _refused[key]
+
+
 def _discover(
     request: str, search_paths: Sequence[Path], allow_downloads: bool, uv: str | None
-) -> Interpreter | None:
+) -> tuple[Interpreter | None, str]:
+    """(the newest usable match or None, why matches were refused: "" when none was found at all)."""
     if not _REQUEST_RE.match(request) and request:
-        return None
+        return None, ""
     wanted = tuple(int(p) for p in request.split(".")) if request else ()
     default = default_interpreter()
     if len(wanted) < 2 and _matches(default.version, wanted):
-        return default
+        return default, ""
     candidates = [(default.path, default.version)]
     candidates += [(p, v) for p in _local_candidates(search_paths) if (v := _probe(p))]
     matching = [(p, v) for p, v in candidates if _matches(v, wanted)]
@@ -155,10 +189,14 @@ def _discover(
         version = _probe(found) if found else None
         if found and version and _matches(version, wanted):
             matching.append((found, version))
-    if not matching:
-        return None
-    path, version = max(matching, key=lambda pv: _version_tuple(pv[1]))
-    return Interpreter(path, version)
+    refused: list[str] = []
+    for path, version in sorted(matching, key=lambda pv: _version_tuple(pv[1]), reverse=True):
+        why = None if path == default.path else unusable_reason(path, uv)
+        if why is None:
+            return Interpreter(path, version), ""
+        builder = "uv" if uv else "python -m venv"
+        refused.append(f"{version} at {path}, which {builder} cannot use ({why})")
+    return None, "; ".join(dict.fromkeys(refused))
 
 
 def resolve_uv(uv_bin: str | None = None) -> str | None:
@@ -184,18 +222,19 @@ def find_interpreter(
     """Pick the newest installed interpreter whose version starts with ``pythonver`` (by component).
 
     ``""`` and a bare major matching the runner's own interpreter give that interpreter. Blocking (it runs
-    probes and ``uv python find`` once per ``pythonver``; later calls are a dict lookup). Without a match:
-    ``InterpreterNotFound`` when ``strict``, else the runner's default with ``matched=False`` and a ``note``.
+    probes and ``uv python find`` once per ``pythonver``; later calls are a dict lookup). Matches uv cannot
+    use are passed over. Without a usable match: ``InterpreterNotFound`` when ``strict``, else the runner's
+    default with ``matched=False`` and a ``note`` (which names the refused matches and why).
     """
     request = pythonver.strip()
     cache_key = (request, tuple(str(p) for p in search_paths), allow_downloads, str(_pyenv_root()))
     with _discovery_lock:
         if cache_key not in _discovered:
             _discovered[cache_key] = _discover(request, search_paths, allow_downloads, resolve_uv(uv_bin))
-        found = _discovered[cache_key]
+        found, refused = _discovered[cache_key]
     if found is not None:
         return found
-    reason = f"requested python {request}, none found"
+    reason = f"requested python {request}, " + (f"found {refused}" if refused else "none found")
     if strict:
         where = ", ".join(["uv", str(_pyenv_root() / "versions"), *map(str, search_paths)])
         raise InterpreterNotFound(f"{reason} (searched {where}) and strict python selection is on")

@@ -64,16 +64,28 @@ class Artifact:
     """``config.storage``'s key pair, set only when ``credentials`` is None and ``qualified`` is an ``s3://``
     URL on the same host and port as ``config.storage.endpoint``: the client sends ``--reuse`` artifacts and
     completion-service tasks without credentials of their own, although they live in that very store."""
+    env_region: str | None = field(default=None, compare=False)
+    """``config.env``'s ``AWS_DEFAULT_REGION``, set at parse time: the region for credentials naming none."""
 
     @property
     def locator(self) -> str | None:
-        """Where to fetch/put the object: ``qualified`` wins, then ``url``."""
+        """Where to fetch/put the object: ``qualified`` wins, then ``url``. For an ``s3://`` locator the
+        ``key`` field wins over the path in ``qualified`` (message.md, qualified-URL rules)."""
+        if self.qualified and self.key and self.qualified[:5].lower() == "s3://":
+            return _s3_with_key(self.qualified, self.key)
         return self.qualified or self.url
 
     @property
     def access_credentials(self) -> Credentials | None:
-        """The key pair to use for this artifact: its own, else the storage's (same endpoint), else none."""
-        return self.credentials or self.storage_credentials
+        """The key pair to use for this artifact: its own, else the storage's (same endpoint), else none.
+
+        Their region, when they name none, is ``config.env``'s ``AWS_DEFAULT_REGION`` (:attr:`env_region`);
+        the store still prefers an AWS host's own region and falls back to its default.
+        """
+        creds = self.credentials or self.storage_credentials
+        if creds is not None and not creds.region and self.env_region:
+            return replace(creds, region=self.env_region)
+        return creds
 
 
 @dataclass(frozen=True)
@@ -187,6 +199,7 @@ def parse_request(body: bytes | str) -> Request:
         _fail(("config",), "must be an object", config_doc)
     config = _config(config_doc, warnings)
     experiment = _with_storage_credentials(experiment, config.storage)
+    experiment = _with_env_region(experiment, config.env)
     return Request(experiment=experiment, config=config, raw=doc, warnings=warnings)
 
 
@@ -520,6 +533,22 @@ def _with_storage_credentials(experiment: Experiment, storage: dict[str, Any]) -
         if artifact.credentials is None and qualified[:5].lower() == "s3://" \
                 and _endpoint_host(qualified) == host:
             artifacts[label] = replace(artifact, storage_credentials=creds)
+    return replace(experiment, artifacts=artifacts)
+
+
+def _s3_with_key(qualified: str, key: str) -> str:
+    """``s3://host[:port]/bucket/<key>``: the bucket from ``qualified``, the object from ``key``."""
+    head, _, rest = qualified[5:].partition("/")
+    bucket = rest.lstrip("/").partition("/")[0]
+    return f"s3://{head}/{bucket}/{key.lstrip('/')}" if head and bucket else qualified
+
+
+def _with_env_region(experiment: Experiment, env: dict[str, str]) -> Experiment:
+    """Record ``config.env``'s ``AWS_DEFAULT_REGION`` on each artifact (``Artifact.access_credentials``)."""
+    region = env.get("AWS_DEFAULT_REGION", "").strip()
+    if not region:
+        return experiment
+    artifacts = {label: replace(a, env_region=region) for label, a in experiment.artifacts.items()}
     return replace(experiment, artifacts=artifacts)
 
 

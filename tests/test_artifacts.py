@@ -6,11 +6,14 @@ import bz2
 import gzip
 import io
 import lzma
+import math
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -18,7 +21,10 @@ import pytest
 import trio
 
 from studio_runner.artifacts import (
+    ENTRY_COST,
+    MAX_ENTRIES,
     DiskBudget,
+    Restored,
     detect_compression,
     dir_fingerprint,
     fetch_artifact,
@@ -27,11 +33,18 @@ from studio_runner.artifacts import (
     upload_artifact,
 )
 from studio_runner.cache import ArtifactCache
-from studio_runner.errors import ArchiveUnsafe, ArtifactError, Disposition
+from studio_runner.errors import (
+    ArchiveCorrupt,
+    ArchiveTooManyEntries,
+    ArchiveUnsafe,
+    ArtifactError,
+    ArtifactTooLarge,
+    DiskFull,
+    Disposition,
+)
 from studio_runner.request import Artifact
 from studio_runner.storage import Stores
 
-STUDIO_PYTHON = Path("/tmp/studioml-venv/bin/python")
 BIG = 1 << 40
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -82,7 +95,7 @@ Members = list[tuple[tarfile.TarInfo, "bytes | None"]]
 
 def extract(members: Members, tmp_path: Path, max_bytes: int = BIG) -> Path:
     dest = tmp_path / "dest"
-    safe_extract(make_tar(tmp_path / "a.tar", members), dest, max_bytes)
+    safe_extract(make_tar(tmp_path / "a.tar", members), dest, max_bytes, entry_cost=0)
     return dest
 
 
@@ -181,10 +194,12 @@ def test_tar_bomb_over_budget_is_refused(tmp_path: Path) -> None:
             info.size = 4 << 20
             tf.addfile(info, io.BytesIO(bytes(info.size)))
     assert archive.stat().st_size < 200_000
-    with pytest.raises(ArchiveUnsafe, match="budget"):
+    with pytest.raises(ArtifactTooLarge, match="budget") as caught:
         safe_extract(archive, tmp_path / "dest", 10 << 20)
+    assert caught.value.disposition is Disposition.FAIL
     assert disk_bytes(tmp_path / "dest") <= 10 << 20
-    assert safe_extract(archive, tmp_path / "dest2", 32 << 20) == 32 << 20
+    assert safe_extract(archive, tmp_path / "dest2", 32 << 20, entry_cost=0) == 32 << 20
+    assert safe_extract(archive, tmp_path / "dest3", BIG) == (32 << 20) + 8 * ENTRY_COST
 
 
 def test_lying_tar_header_cannot_exceed_budget(tmp_path: Path) -> None:
@@ -192,7 +207,7 @@ def test_lying_tar_header_cannot_exceed_budget(tmp_path: Path) -> None:
     info.size = 10**12  # claims a terabyte, carries ten bytes
     archive = tmp_path / "liar.tar"
     archive.write_bytes(info.tobuf(tarfile.GNU_FORMAT) + b"0123456789" + bytes(502 + 1024))
-    with pytest.raises(ArchiveUnsafe, match="budget"):
+    with pytest.raises(ArtifactTooLarge, match="budget"):
         safe_extract(archive, tmp_path / "dest", 1 << 20)
     assert disk_bytes(tmp_path / "dest") == 0
 
@@ -206,7 +221,7 @@ def test_pax_and_gnu_long_names_leave_no_metadata_files(tmp_path: Path) -> None:
             info.pax_headers = {"comment": "metadata only"} if fmt == tarfile.PAX_FORMAT else {}
             tf.addfile(info, io.BytesIO(data))
         dest = tmp_path / f"dest{fmt}"
-        assert safe_extract(archive, dest, BIG) == 4
+        assert safe_extract(archive, dest, BIG, entry_cost=0) == 4
         assert tree(dest) == {"d" * 120: "dir", long: b"deep"}
 
 
@@ -230,24 +245,68 @@ def test_archives_are_recognised_by_content(tmp_path: Path, name: str, compress,
     archive = tmp_path / name
     archive.write_bytes(compress(plain_tar_bytes(tmp_path)))
     assert detect_compression(archive) == kind
-    assert safe_extract(archive, tmp_path / "dest", BIG) == 5
+    assert safe_extract(archive, tmp_path / "dest", BIG, entry_cost=0) == 5
     assert (tmp_path / "dest" / "hello.txt").read_bytes() == b"hello"
 
 
 def test_non_archives_are_rejected(tmp_path: Path) -> None:
     text = tmp_path / "notes.tar"
     text.write_bytes(b"just some text, not a tar\n" * 40)
-    with pytest.raises(ArtifactError, match="not an archive"):
+    with pytest.raises(ArchiveCorrupt, match="not an archive.*unpack: false") as caught:
         detect_compression(text)
+    assert caught.value.disposition is Disposition.FAIL
     zstd = tmp_path / "x.tar.zst"
     zstd.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(64))
     if "zst" not in tarfile.TarFile.OPEN_METH:
-        with pytest.raises(ArtifactError, match="zstd"):
+        with pytest.raises(ArchiveCorrupt, match="zstd"):
             detect_compression(zstd)
     corrupt = tmp_path / "corrupt.tgz"
     corrupt.write_bytes(gzip.compress(plain_tar_bytes(tmp_path))[:60])
-    with pytest.raises(ArtifactError):
+    with pytest.raises(ArchiveCorrupt):
         safe_extract(corrupt, tmp_path / "dest", BIG)
+
+
+def _damaged(tmp_path: Path, compress, name: str) -> Path:
+    """A compressed tar whose stream is damaged past its first member, so the damage shows mid-extraction."""
+    text = b"".join(f"line {i} of the weights {i * 7919 % 10007}\n".encode() for i in range(20_000))
+    members = [reg("first.txt", b"first"), reg("big.txt", text), reg("last.txt", b"last")]
+    data = bytearray(compress(make_tar(tmp_path / f"{name}.src", members).read_bytes()))
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0xFF
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "compress"),
+    [("damaged.tgz", gzip.compress), ("damaged.tbz", bz2.compress), ("damaged.txz", lzma.compress)],
+)
+def test_corrupt_data_is_a_deterministic_failure_not_a_retry(tmp_path: Path, name: str, compress) -> None:
+    """Damage found mid-extraction fails the experiment: it used to be retried three times (gzip's and bz2's
+    errors are OSErrors, taken for I/O faults), or, where the damage read as an invalid tar header, the part
+    before it was restored as if it were the whole archive."""
+    with pytest.raises(ArchiveCorrupt, match="re-upload") as caught:
+        safe_extract(_damaged(tmp_path, compress, name), tmp_path / "dest", BIG)
+    assert caught.value.disposition is Disposition.FAIL
+
+
+def test_a_damaged_or_cut_plain_tar_is_not_restored_in_part(tmp_path: Path) -> None:
+    """tarfile reads an unreadable header after the first member as the end of the archive: the members
+    before it would be restored as if they were all of it."""
+    members = [reg("a.txt", b"a" * 600), reg("b.txt", b"b"), reg("c.txt", b"c")]
+    whole = make_tar(tmp_path / "whole.tar", members)
+    data = whole.read_bytes()
+    second = 512 + 1024  # a's header and its two data blocks
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(data[:second] + b"\xff" * 512 + data[second + 512:])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: second + 100])  # the download stopped inside b's header
+    for archive in (damaged, cut):
+        with pytest.raises(ArchiveCorrupt, match="damaged or truncated") as caught:
+            safe_extract(archive, tmp_path / archive.stem, BIG)
+        assert caught.value.disposition is Disposition.FAIL
+    assert safe_extract(whole, tmp_path / "whole", BIG, entry_cost=0) == 602
 
 
 # ----------------------------------------------------------------------------------------------- zip
@@ -271,7 +330,7 @@ def test_zip_extracts_files_dirs_and_modes(tmp_path: Path) -> None:
         [("top.txt", b"top", None), ("sub/", b"", None), ("sub/run.sh", b"#!/bin/sh\n", 0o104755)],
     )
     assert detect_compression(archive) == "zip"
-    assert safe_extract(archive, tmp_path / "dest", BIG) == 13
+    assert safe_extract(archive, tmp_path / "dest", BIG, entry_cost=0) == 13
     assert tree(tmp_path / "dest") == {"top.txt": b"top", "sub": "dir", "sub/run.sh": b"#!/bin/sh\n"}
     assert stat.S_IMODE((tmp_path / "dest" / "sub" / "run.sh").stat().st_mode) == 0o755
 
@@ -295,7 +354,7 @@ def test_zip_unsafe_entries_are_refused(tmp_path: Path, name: str, mode: int | N
 
 def test_zip_bomb_and_lying_sizes_stay_within_budget(tmp_path: Path) -> None:
     bomb = make_zip(tmp_path / "bomb.zip", [("zeros", bytes(20 << 20), None)])
-    with pytest.raises(ArchiveUnsafe, match="budget"):
+    with pytest.raises(ArtifactTooLarge, match="budget"):
         safe_extract(bomb, tmp_path / "dest", 1 << 20)
     assert disk_bytes(tmp_path / "dest") <= 1 << 20
 
@@ -395,9 +454,8 @@ def test_pack_survives_files_changing_underneath(tmp_path: Path, caplog: pytest.
         thread.join()
 
 
-@pytest.mark.skipif(not STUDIO_PYTHON.exists(), reason="the studioml 0.0.49 client venv is not installed")
 @pytest.mark.parametrize("key", ["experiments/e/output.tar", "experiments/e/modeldir.tar.gz"])
-def test_the_studioml_client_reads_our_archives(tmp_path: Path, key: str) -> None:
+def test_the_studioml_client_reads_our_archives(tmp_path: Path, key: str, studioml_bin: Path) -> None:
     src = build_workdir(tmp_path / "src")
     (src / "output").write_bytes(b"final line\n")
     packed = tmp_path / "packed"
@@ -408,7 +466,8 @@ def test_the_studioml_client_reads_our_archives(tmp_path: Path, key: str) -> Non
         "from studio.storage.storage_util import untar_artifact\n"
         "untar_artifact(sys.argv[1], sys.argv[2], logging.getLogger('t'))\n"
     )
-    subprocess.run([str(STUDIO_PYTHON), "-c", script, str(local), str(packed)], check=True, timeout=60)
+    subprocess.run([str(studioml_bin / "python"), "-c", script, str(local), str(packed)], check=True,
+                   timeout=60)
     assert tree(local) == tree(src)
 
 
@@ -449,7 +508,7 @@ def artifact(
 
 def fetch(
     art: Artifact, expdir: Path, budget: DiskBudget | None = None, cache: ArtifactCache | None = None
-) -> bool:
+) -> Restored:
     return trio.run(fetch_artifact, art, expdir, Stores(), budget or DiskBudget(None), cache)
 
 
@@ -470,10 +529,10 @@ def test_fetch_unpacks_into_a_private_label_directory(tmp_path: Path) -> None:
 
     placed = fetch(artifact("workspace", url), expdir, budget)
 
-    assert placed is True
+    assert placed is Restored.PLACED and placed
     assert tree(expdir / "workspace") == {"train.py": b"print(1)", "lib": "dir", "lib/util.py": b"x = 1"}
     assert stat.S_IMODE((expdir / "workspace").stat().st_mode) == 0o700
-    assert budget.remaining == 20_000 - 13
+    assert budget.remaining == 20_000 - 13 - 2 * ENTRY_COST  # the bytes, plus a fixed cost per member
     assert sorted(os.listdir(expdir)) == ["workspace"]  # scratch space is gone
 
 
@@ -481,10 +540,11 @@ def test_fetch_without_unpack_places_the_object_under_its_key_name(tmp_path: Pat
     url = store_object(tmp_path, "blobstore/data.csv", b"a,b\n1,2\n")
     expdir = tmp_path / "exp"
     budget = DiskBudget(None)
-    assert fetch(artifact("data", url, unpack=False, key="blobstore/data.csv"), expdir, budget)
+    placed = fetch(artifact("data", url, unpack=False, key="blobstore/data.csv"), expdir, budget)
+    assert placed is Restored.PLACED
     assert tree(expdir / "data") == {"data.csv": b"a,b\n1,2\n"}
     # a url-only artifact (no key) is named after the URL's path
-    assert fetch(artifact("raw", url, unpack=False), expdir, budget)
+    assert fetch(artifact("raw", url, unpack=False), expdir, budget) is Restored.PLACED
     assert os.listdir(expdir / "raw") == ["data.csv"]
 
 
@@ -492,7 +552,8 @@ def test_fetch_missing_objects(tmp_path: Path) -> None:
     expdir = tmp_path / "exp"
     url = "file://" + str(tmp_path / "storage" / "nothing.tar")
     budget = DiskBudget(None)
-    assert fetch(artifact("modeldir", url, mutable=True), expdir, budget) is False
+    absent = fetch(artifact("modeldir", url, mutable=True), expdir, budget)
+    assert absent is Restored.ABSENT and not absent
     assert (expdir / "modeldir").is_dir() and os.listdir(expdir / "modeldir") == []
     with pytest.raises(ArtifactError, match="immutable artifact data not found"):
         fetch(artifact("data", url), expdir, budget)
@@ -503,16 +564,17 @@ def test_fetch_missing_objects(tmp_path: Path) -> None:
 def test_fetch_skips_metadata_and_locatorless_artifacts(tmp_path: Path) -> None:
     url = store_object(tmp_path, "metadata/x.json", b"{}")
     expdir = tmp_path / "exp"
-    assert fetch(artifact("_metadata", url, mutable=True, unpack=False), expdir) is False
-    assert fetch(artifact("tb", None, mutable=True), expdir) is False
+    assert fetch(artifact("_metadata", url, mutable=True, unpack=False), expdir) is Restored.SKIPPED
+    assert fetch(artifact("tb", None, mutable=True), expdir) is Restored.SKIPPED
     assert os.listdir(expdir / "_metadata") == [] and os.listdir(expdir / "tb") == []
 
 
 def test_fetch_enforces_the_disk_budget(tmp_path: Path) -> None:
     expdir = tmp_path / "exp"
     raw = store_object(tmp_path, "blobstore/big.bin", bytes(5000))
-    with pytest.raises(ArtifactError, match="hdd budget"):
+    with pytest.raises(ArtifactTooLarge, match="hdd budget") as caught:
         fetch(artifact("big", raw, unpack=False), expdir, DiskBudget(4999))
+    assert caught.value.disposition is Disposition.FAIL  # the same request would fail the same way again
     assert os.listdir(expdir / "big") == []
 
     archive = tmp_path / "bomb.tar.gz"
@@ -522,7 +584,7 @@ def test_fetch_enforces_the_disk_budget(tmp_path: Path) -> None:
         tf.addfile(info, io.BytesIO(bytes(info.size)))
     url = store_object(tmp_path, "blobstore/bomb.tar.gz", archive.read_bytes())
     budget = DiskBudget(100_000)
-    with pytest.raises(ArchiveUnsafe, match="budget"):
+    with pytest.raises(ArtifactTooLarge, match="budget"):
         fetch(artifact("bomb", url), expdir, budget)
     assert os.listdir(expdir / "bomb") == []
     assert sorted(os.listdir(expdir)) == ["big", "bomb"]
@@ -595,7 +657,191 @@ def test_disk_budget() -> None:
     budget = DiskBudget(10)
     budget.take(4)
     budget.check(6, "x")
-    with pytest.raises(ArtifactError, match="only 6"):
+    with pytest.raises(ArtifactTooLarge, match="only 6"):
         budget.take(7, "artifact big")
     assert budget.remaining == 6
     assert DiskBudget(0).remaining > 1 << 60 and DiskBudget(None).limit is None
+
+
+def test_disk_budget_for_a_request_without_hdd_is_the_free_space(tmp_path: Path) -> None:
+    with_hdd = DiskBudget.for_request(10, tmp_path)
+    assert with_hdd.limit == 10 and not with_hdd.free_space
+    free = DiskBudget.for_request(0, tmp_path)
+    assert free.free_space and 0 < free.remaining <= shutil.disk_usage(tmp_path).free
+    with pytest.raises(DiskFull, match="free disk space") as caught:
+        free.take(free.remaining + 1, "artifact huge")
+    assert caught.value.disposition is Disposition.RETRY  # another runner may have the room
+
+
+# ------------------------------------------------ item 3: a failed restore never leaves part of the artifact
+
+
+def _gzip_damaged_mid_stream(tmp_path: Path) -> bytes:
+    return _damaged(tmp_path, gzip.compress, "modeldir.tar.gz").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "disposition"),
+    [
+        ("corrupt gzip", ArchiveCorrupt, Disposition.FAIL),
+        ("plain file", ArchiveCorrupt, Disposition.FAIL),
+        ("over the hdd budget", ArtifactTooLarge, Disposition.FAIL),
+        ("unpacks beyond the hdd budget", ArtifactTooLarge, Disposition.FAIL),
+        ("over the free disk space", DiskFull, Disposition.RETRY),
+    ],
+)
+def test_a_failed_restore_of_a_mutable_artifact_raises_and_places_nothing(
+    tmp_path: Path, case: str, error: type[Exception], disposition: Disposition
+) -> None:
+    """Each of these once left ``modeldir/`` empty or partial and let the final upload replace the stored
+    work with it: fetch_artifact must raise, with the right disposition, and leave the directory empty."""
+    good = make_tar(tmp_path / "good.tar", [reg("weights.bin", bytes(50_000)), reg("notes.txt", b"epoch 9")])
+    body, budget = good.read_bytes(), DiskBudget(None)
+    if case == "corrupt gzip":
+        body = _gzip_damaged_mid_stream(tmp_path)
+    elif case == "plain file":
+        body = b"epoch,loss\n1,0.5\n" * 100
+    elif case == "over the hdd budget":
+        budget = DiskBudget(len(body) - 1)
+    elif case == "unpacks beyond the hdd budget":
+        body = gzip.compress(body)  # the download fits the budget, what it unpacks to does not
+        budget = DiskBudget(len(body) + 100)
+    else:
+        budget = DiskBudget(len(body) - 1, free_space=True)
+    url = store_object(tmp_path, "experiments/e/modeldir.tar", body)
+    expdir = tmp_path / "exp"
+    with pytest.raises(error) as caught:
+        fetch(artifact("modeldir", url, mutable=True), expdir, budget)
+    assert isinstance(caught.value, ArtifactError | DiskFull)
+    assert caught.value.disposition is disposition  # type: ignore[attr-defined]
+    assert os.listdir(expdir / "modeldir") == []
+    assert sorted(os.listdir(expdir)) == ["modeldir"]  # no scratch space left behind
+
+
+def _watch_and_cancel(scope: trio.CancelScope, expdir: Path, ready, seen: list[int]):
+    """A task that cancels ``scope`` as soon as ``ready(scratch dir)`` says the transfer is under way."""
+
+    async def watch() -> None:
+        while True:
+            for scratch in (expdir / ".downloads").glob("*"):
+                progress = ready(scratch)
+                if progress:
+                    seen.append(progress)
+                    assert os.listdir(expdir / "modeldir") == []  # nothing is placed while in flight
+                    scope.cancel()
+                    return
+            await trio.sleep(0.001)
+
+    return watch
+
+
+def _fetch_and_cancel(art: Artifact, expdir: Path, ready) -> list[int]:
+    seen: list[int] = []
+
+    async def main() -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_and_cancel(scope, expdir, ready, seen))
+                await fetch_artifact(art, expdir, Stores(), DiskBudget(None))
+                raise AssertionError("the fetch finished before it was cancelled")
+        assert scope.cancelled_caught
+
+    trio.run(main)
+    return seen
+
+
+def _partial_bytes(scratch: Path) -> int:
+    sizes = [p.stat().st_size for p in scratch.glob(".object.*") if p.exists()]
+    return max(sizes, default=0) if max(sizes, default=0) >= 4 << 20 else 0
+
+
+def test_cancelled_mid_download_leaves_nothing(tmp_path: Path) -> None:
+    """SIGTERM 1.2 s into a 300 MB download: the task is cancelled while the copy runs."""
+    size = 256 << 20
+    url = store_object(tmp_path, "experiments/e/modeldir.tar", b"")
+    with open(url.removeprefix("file:/"), "r+b") as f:
+        f.truncate(size)  # sparse: a big object without writing one
+    expdir = tmp_path / "exp"
+    seen = _fetch_and_cancel(artifact("modeldir", url, mutable=True), expdir, _partial_bytes)
+    assert seen and seen[0] < size  # cancelled mid-download
+    assert os.listdir(expdir / "modeldir") == []
+    assert sorted(os.listdir(expdir)) == ["modeldir"]
+
+
+def test_cancelled_mid_unpack_leaves_nothing(tmp_path: Path) -> None:
+    members = [reg(f"shard{i:05d}.txt", b"w" * 64) for i in range(20_000)]
+    archive = make_tar(tmp_path / "m.tar", members)
+    url = store_object(tmp_path, "experiments/e/modeldir.tar", archive.read_bytes())
+    expdir = tmp_path / "exp"
+
+    def unpacking(scratch: Path) -> int:
+        tree_dir = scratch / "tree"
+        count = len(os.listdir(tree_dir)) if tree_dir.is_dir() else 0
+        return count if count >= 200 else 0
+
+    seen = _fetch_and_cancel(artifact("modeldir", url, mutable=True), expdir, unpacking)
+    assert seen and seen[0] < 20_000  # cancelled mid-unpack
+    assert os.listdir(expdir / "modeldir") == []
+    assert sorted(os.listdir(expdir)) == ["modeldir"]
+
+
+# ------------------------------------------------------------- item 14: entries count against the budget
+
+
+@pytest.fixture(scope="module")
+def empty_files_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real tar of 50,000 empty files: zero bytes of data, 50,000 inodes."""
+    path = tmp_path_factory.mktemp("inodes") / "empty-files.tar"
+    with tarfile.open(path, "w") as tf:
+        for i in range(50_000):
+            tf.addfile(tarfile.TarInfo(f"d{i // 1000:02d}/f{i:05d}"))
+    return path
+
+
+def test_50000_empty_files_do_not_pass_a_small_hdd_budget(tmp_path: Path, empty_files_tar: Path) -> None:
+    url = store_object(tmp_path, "experiments/e/modeldir.tar", empty_files_tar.read_bytes())
+    expdir = tmp_path / "exp"
+    hdd = 28 << 20  # more than the tar itself (about 26 MB), far less than 50,000 entries at 4 KiB each
+    assert empty_files_tar.stat().st_size < hdd
+    with pytest.raises(ArtifactTooLarge, match="per entry") as caught:
+        fetch(artifact("modeldir", url, mutable=True), expdir, DiskBudget(hdd))
+    assert caught.value.disposition is Disposition.FAIL
+    assert os.listdir(expdir / "modeldir") == [] and sorted(os.listdir(expdir)) == ["modeldir"]
+
+
+def test_entry_count_is_capped_whatever_the_budget(tmp_path: Path, empty_files_tar: Path) -> None:
+    assert MAX_ENTRIES == 1_000_000
+    with pytest.raises(ArchiveTooManyEntries, match="more than 2000 entries") as caught:
+        safe_extract(empty_files_tar, tmp_path / "dest", BIG, max_entries=2_000)
+    assert caught.value.disposition is Disposition.FAIL
+    # under the cap and the budget an archive unpacks, charged by entry
+    small = make_tar(tmp_path / "small.tar", [node(f"f{i}", tarfile.REGTYPE) for i in range(100)])
+    assert safe_extract(small, tmp_path / "ok", BIG) == 100 * ENTRY_COST
+    assert len(os.listdir(tmp_path / "ok")) == 100
+
+
+# --------------------------------------------------------- item 15: packed members carry a fresh mtime
+
+
+def test_packed_members_are_stamped_later_than_the_packing_started(tmp_path: Path) -> None:
+    """The client accepts a retval only if its extracted mtime is later than the time it recorded after
+    publishing the task; a runner that finishes within that second must still be accepted."""
+    src = tmp_path / "retval"
+    src.mkdir()
+    (src / "retval").write_bytes(b"result")  # written just now, within the current second
+    (src / "old").write_bytes(b"o")
+    os.utime(src / "old", (time.time() - 3600, time.time() - 3600))
+    future = math.ceil(time.time()) + 7200
+    (src / "later").write_bytes(b"l")
+    os.utime(src / "later", (future - 0.5, future - 0.5))
+    recorded = time.time()  # the client's submitted_time, taken before the runner packs
+
+    pack_dir(src, tmp_path / "retval.tar", "experiments/e/retval.tar")
+
+    with tarfile.open(tmp_path / "retval.tar") as tf:
+        mtimes = {m.name: m.mtime for m in tf}
+    assert mtimes["retval"] > recorded and mtimes["old"] > recorded
+    assert mtimes["retval"] == mtimes["old"] <= math.ceil(time.time())
+    assert mtimes["later"] == future  # never earlier than the file's own mtime (rounded up)
+    safe_extract(tmp_path / "retval.tar", tmp_path / "client", BIG)
+    assert os.path.getmtime(tmp_path / "client" / "retval") > recorded  # the client's own test

@@ -196,7 +196,7 @@ def test_demo_command(tmp_path):
     from support.runner import REPO
     from support.studioml_client import cache_root
 
-    env = dict(os.environ, PYTHONPATH=str(REPO), ENV_CACHE_DIR=str(cache_root() / "envs"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), STUDIO_RUNNER_ENV_CACHE_DIR=str(cache_root() / "envs"))
     result = subprocess.run([sys.executable, str(REPO / "runner.py"), "demo", "--demo-dir", str(tmp_path)],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -218,7 +218,7 @@ def test_artifact_cache_serves_the_second_experiment(sandbox: Sandbox, tmp_path)
     queue(sandbox, script, "exp_cache_1")
     queue(sandbox, script, "exp_cache_2")  # same directory: the same content-addressed workspace blob
     cache = tmp_path / "artifact-cache"
-    result = sandbox.run_once(CACHE_DIR=str(cache), CACHE_SIZE="1GiB")
+    result = sandbox.run_once(STUDIO_RUNNER_CACHE_DIR=str(cache), STUDIO_RUNNER_CACHE_SIZE="1GiB")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("artifact cache hit") == 1
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
@@ -231,7 +231,7 @@ def test_missing_workspace_is_retried_then_set_aside(sandbox: Sandbox, tmp_path)
     request = queue(sandbox, script, "exp_missing_input")
     workspace = request["experiment"]["artifacts"]["workspace"]["qualified"]
     Path(workspace.removeprefix("file://")).unlink()  # the input vanished from storage
-    result = sandbox.run_once(MAX_ATTEMPTS="3")
+    result = sandbox.run_once(STUDIO_RUNNER_MAX_ATTEMPTS="3")
     assert result.stderr.count("experiment exp_missing_input from local local_e2e (attempt") == 3
     aside = sandbox.set_aside("local_e2e")
     reason = next(p for p in aside if p.name.endswith(".reason.txt")).read_text()
@@ -253,7 +253,7 @@ def test_checkpoints_upload_output_while_the_experiment_runs(sandbox: Sandbox, t
         print("second half")
         """)
     queue(sandbox, script, "exp_ckpt", save_workspace_frequency="1s")
-    runner = sandbox.start(MIN_CHECKPOINT_INTERVAL="1s")
+    runner = sandbox.start(STUDIO_RUNNER_MIN_CHECKPOINT_INTERVAL="1s")
     try:
         output_tar = sandbox.artifact("exp_ckpt", "output")
         deadline = time.monotonic() + 120
@@ -273,7 +273,7 @@ def test_checkpoints_upload_output_while_the_experiment_runs(sandbox: Sandbox, t
 
 
 def test_a_queue_created_after_start_is_served(sandbox: Sandbox, tmp_path):
-    runner = sandbox.start(RESCAN_INTERVAL="0.5s")
+    runner = sandbox.start(STUDIO_RUNNER_RESCAN_INTERVAL="1s")
     try:
         time.sleep(1.0)  # the runner has listed the (empty) queue root by now
         script = write_script(tmp_path / "late", "late.py", "print('late queue served')\n")

@@ -390,3 +390,79 @@ def test_without_uv_the_small_fallback_builds_a_relocated_working_env(tmp_path: 
     assert str(env.path) in pip.stdout
     assert (env.path / LAST_USED_FILE).exists() and not list((tmp_path / "envs").glob(".build-*"))
     shutil.rmtree(tmp_path / "envs")
+
+
+# --- interpreters uv cannot use (item 14) ------------------------------------------------------------------
+
+_PROBE = "import platform; print(platform.python_version())"
+
+
+def fake_python(prefix: Path, version: str, real: Path | None = None) -> Path:
+    """A real executable in ``prefix/bin`` that answers our version probe with ``version``. Anything else
+    is handed to ``real`` (a working interpreter) or fails, like an interpreter uv cannot use."""
+    exe = prefix / "bin" / "python3"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    rest = f'exec "{real}" "$@"' if real else 'echo "not a python uv can use" >&2; exit 1'
+    probe = f'if [ "$1" = "-c" ] && [ "$2" = "{_PROBE}" ]; then echo {version}; exit 0; fi'
+    exe.write_text(f"#!/bin/sh\n{probe}\n{rest}\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def test_a_match_uv_cannot_use_is_passed_over_with_a_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pythonver "2.7" once picked pyenv's 2.7 and failed the attempt in ``uv venv``."""
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "no-pyenv"))  # only the fake can answer for 2.7
+    fake = fake_python(tmp_path / "py27", "2.7.18")
+    default = default_interpreter()
+
+    found = find_interpreter("2.7", [tmp_path / "py27"], False, False)
+
+    assert not found.matched and found.path == default.path and found.version == default.version
+    assert found.note.startswith(f"requested python 2.7, found 2.7.18 at {fake}, which uv cannot use (")
+    assert found.note.endswith(f"; using {default.version}")
+    with pytest.raises(InterpreterNotFound, match="which uv cannot use .* strict python selection is on"):
+        find_interpreter("2.7", [tmp_path / "py27"], False, True)
+
+
+@pytest.mark.skipif(not any(PYENV_VERSIONS.glob("2.7.*")), reason="needs a pyenv 2.7.x")
+def test_pyenv_27_falls_back_to_the_default_and_builds(roots: tuple[Path, Path]) -> None:
+    built = acquire_once(make_cache(roots), "2.7", [])
+    interpreter = built.env.interpreter
+    assert not interpreter.matched and interpreter.path == default_interpreter().path
+    assert "found 2.7." in interpreter.note and "which uv cannot use" in interpreter.note
+    assert run_python(built.env, "import sys; print(sys.version_info[0])") == "3"
+
+
+@slow
+def test_a_matched_interpreter_that_fails_the_build_is_replaced_by_the_default(
+    tmp_path: Path, roots: tuple[Path, Path]
+) -> None:
+    """An interpreter that was fine when found and broke before the build (uninstalled, damaged): the
+    environment is built with the default interpreter, and the output and the note say so."""
+    default = default_interpreter()
+    prefix = tmp_path / "py399"
+    exe = fake_python(prefix, "3.99.0", real=default.path)  # a working interpreter claiming 3.99
+    found = find_interpreter("3.99", [prefix], False, False)  # what EnvCache will find (remembered)
+    assert found.matched and found.path == exe and found.version == "3.99.0"
+    fake_python(prefix, "3.99.0")  # now it breaks: only our probe still answers
+    os.utime(exe, (time.time() + 5, time.time() + 5))  # uv re-inspects a changed interpreter
+
+    cache = EnvCache(roots[0], 0, uv_cache_dir=roots[1], search_paths=[prefix])
+    built = acquire_once(cache, "3.99", [])
+
+    interpreter = built.env.interpreter
+    assert not interpreter.matched and interpreter.path == default.path
+    assert interpreter.note.startswith(f"requested python 3.99, the environment could not be created with "
+                                       f"3.99.0 at {exe} (")
+    assert interpreter.note.endswith(f"; using {default.version}")
+    assert any(f"building with the default python {default.version} instead" in line for line in built.log)
+    assert run_python(built.env, "import platform; print(platform.python_version())") == default.version
+    failed_key = env_key("3.99.0", [])
+    assert not (roots[0] / failed_key).exists() and not (roots[0] / f"{failed_key}.lock").exists()
+    assert not list(roots[0].glob(f".build-{failed_key}-*"))
+
+    strict = EnvCache(roots[0], 0, uv_cache_dir=roots[1], search_paths=[prefix], strict_python=True)
+    with pytest.raises(InterpreterNotFound, match="could not be created with 3.99.0.*strict python"):
+        acquire_once(strict, "3.99", [])

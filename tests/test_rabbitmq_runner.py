@@ -196,7 +196,7 @@ def start_runner(deployment: Deployment, tmp_path: Path) -> Iterator[Callable[..
         box.queue_root.mkdir(parents=True)
         box.work.mkdir()
         settings = {"AMQP_URL": deployment.amqp_url, "QUEUE_MATCH": f"^{deployment.queue}$",
-                    "POLL_INTERVAL": "0.25s", "ABORT_CHECK_INTERVAL": "1s"}
+                    "STUDIO_RUNNER_POLL_INTERVAL": "0.25s", "STUDIO_RUNNER_ABORT_CHECK_INTERVAL": "1s"}
         settings.update(env)
         runner = Runner(box, tmp_path / f"{name}.log", once, settings)
         runners.append(runner)

@@ -11,12 +11,15 @@ from hypothesis import strategies as st
 
 from studio_runner.redact import (
     MASK,
+    MIN_LITERAL,
     Redactor,
+    StreamMasker,
     describe,
     is_secret_name,
     looks_secret,
     mask_mapping,
     mask_patterns,
+    runner_secrets,
 )
 
 
@@ -224,3 +227,249 @@ def test_describe() -> None:
     assert describe("amqp://u:pw@h") == "'amqp://u:****@h'"
     long = describe("x" * 500)
     assert len(long) == 60 and long.endswith("...")
+
+
+# --- StreamMasker ---------------------------------------------------------------------------------------
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+
+def _stream(masker: StreamMasker, data: bytes, chunk: int = 65536) -> list[str]:
+    out: list[str] = []
+    for i in range(0, len(data), chunk):
+        out += masker.feed(data[i : i + chunk])
+    return out + masker.close()
+
+
+def _cut_then_mask(data: bytes, redactor: Redactor, max_bytes: int) -> list[str]:
+    """What the runner did before StreamMasker (process.lines, then Redactor.mask on each piece)."""
+    pieces: list[str] = []
+    for line in data.split(b"\n"):
+        while len(line) > max_bytes:
+            pieces.append(line[:max_bytes].decode("utf-8", "replace"))
+            line = line[max_bytes:]
+        pieces.append(line.decode("utf-8", "replace"))
+    return [redactor.mask(piece) for piece in pieces]
+
+
+def test_a_secret_split_between_two_feeds_is_masked_at_every_position() -> None:
+    redactor = Redactor([SECRET])
+    data = f"loading key {SECRET} from env\n".encode()
+    for cut in range(len(data) + 1):
+        masker = StreamMasker(redactor)
+        out = masker.feed(data[:cut]) + masker.feed(data[cut:]) + masker.close()
+        assert out == ["loading key **** from env"], cut
+
+
+def test_a_secret_straddling_the_cut_of_a_3_mib_line_is_masked() -> None:
+    redactor = Redactor([SECRET])
+    limit = 1 << 20
+    line = "x" * (limit - 17) + SECRET + "y" * (2 * limit)  # 3 MiB, no newline; the cut falls in SECRET
+    data = line.encode()
+    old = _cut_then_mask(data, redactor, limit)
+    assert old[0].endswith(SECRET[:17]) and old[1].startswith(SECRET[17:])  # the old way leaked it, halved
+
+    pieces = _stream(StreamMasker(redactor), data)
+    assert len(pieces) >= 3 and all(len(piece) <= limit for piece in pieces)
+    assert "".join(pieces) == redactor.mask(line) == "x" * (limit - 17) + MASK + "y" * (2 * limit)
+    assert not any(SECRET[:8] in piece or SECRET[-8:] in piece for piece in pieces)
+
+
+@pytest.mark.parametrize("offset", range(len(SECRET) + 1))
+def test_a_secret_straddling_a_piece_cut_is_masked_at_every_offset(offset: int) -> None:
+    redactor = Redactor([SECRET])
+    size = 50
+    line = "a" * (size - offset) + SECRET + "b" * 500
+    masker = StreamMasker(redactor, max_line_chars=size)
+    pieces = _stream(masker, line.encode(), chunk=7)
+    assert "".join(pieces) == "a" * (size - offset) + MASK + "b" * 500
+    assert all(len(piece) <= size for piece in pieces) and len(pieces) > 5
+    if 0 < offset < len(SECRET):
+        old = _cut_then_mask(line.encode(), redactor, size)  # the old way showed the secret, in two halves
+        assert old[0].endswith(SECRET[:offset]) and old[1].startswith(SECRET[offset:])
+
+
+@pytest.mark.parametrize("offset", [1, 5, 19, 21, 22, 23, 30, len(SECRET) + 21])
+def test_a_pattern_secret_split_across_a_piece_cut_is_masked(offset: int) -> None:
+    redactor = Redactor()  # no literal: only the NAME=value rule can catch it
+    size = 100
+    assignment = f"AWS_SECRET_ACCESS_KEY={SECRET}"
+    line = ("x " * size)[: size - offset] + assignment + " done" + " ." * 300
+    assert line.index(assignment) == size - offset  # the cut falls inside the assignment
+    pieces = _stream(StreamMasker(redactor, max_line_chars=size), line.encode(), chunk=13)
+    joined = "".join(pieces)
+    assert joined == redactor.mask(line)
+    assert "AWS_SECRET_ACCESS_KEY=**** done" in joined and SECRET[-6:] not in joined
+    old = _cut_then_mask(line.encode(), redactor, size)
+    if offset >= len("AWS_SECRET_ACCESS_K"):  # the old way: the rest of the value, alone, matched no rule
+        assert old[1].startswith(assignment[offset:] + " done")
+
+
+def test_an_endless_pattern_value_is_masked_to_its_end_in_bounded_memory() -> None:
+    redactor = Redactor()
+    size = 1000
+    line = ("start GITHUB_TOKEN=" + "Z" * 200_000 + " shown AMQP=amqp://u:" + "J" * 5000 + "@h/ end "
+            + 'DB_PASSWORD="' + "V V " * 1000 + '" after')
+    whole = 'start GITHUB_TOKEN=**** shown AMQP=amqp://u:****@h/ end DB_PASSWORD="****" after'
+    assert redactor.mask(line) == whole
+    masker = StreamMasker(redactor, max_line_chars=size)
+    peak = 0
+    out: list[str] = []
+    data = line.encode()
+    for i in range(0, len(data), 4096):
+        out += masker.feed(data[i : i + 4096])
+        peak = max(peak, masker.buffered)
+    out += masker.close()
+    joined = "".join(out)
+    assert "Z" not in joined and "J" not in joined and "V" not in joined
+    # values and quoted values end where the rule ends them; a userinfo-like run hides up to white space
+    assert joined == 'start GITHUB_TOKEN=**** shown AMQP=amqp://**** end DB_PASSWORD="****" after'
+    assert peak <= masker.bound and masker._forced == 3
+
+
+def test_carriage_returns_make_progress_lines() -> None:
+    masker = StreamMasker(Redactor(), max_line_chars=1000)
+    bar = b"".join(f"\r{i:3d}%|{'#' * (i // 10):10s}| {i}/100".encode() for i in range(101)) + b"\n"
+    out = _stream(masker, bar * 50, chunk=4096)  # 5050 refreshes, no newline but one per bar
+    assert len(out) == 50 * 102  # each bar: "" before its first \r, 101 refreshes
+    assert out[1] == "  0%|          | 0/100" and out[101] == "100%|##########| 100/100"
+    assert max(len(line) for line in out) < 30
+
+
+def test_crlf_split_between_feeds_is_one_terminator() -> None:
+    masker = StreamMasker(Redactor())
+    assert masker.feed(b"first\r") == ["first"]  # a \r ends the line at once...
+    assert masker.feed(b"\nsecond\r\n") == ["second"]  # ...and the \n that completes \r\n adds no line
+    assert masker.feed(b"\r") == [""]
+    assert masker.feed(b"") == []
+    assert masker.feed(b"\n") == []
+    assert masker.feed(b"third\r") == ["third"]
+    assert masker.feed(b"fourth") == []  # a lone \r
+    assert masker.close() == ["fourth"]
+    assert masker.close() == []
+
+
+def test_multibyte_utf8_split_between_feeds() -> None:
+    text = "héllo wörld — 日本語 🎉 done"
+    data = (text + "\n").encode()
+    for cut in range(len(data) + 1):
+        masker = StreamMasker(Redactor(["日本語 🎉"]))
+        out = masker.feed(data[:cut]) + masker.feed(data[cut:]) + masker.close()
+        assert out == ["héllo wörld — **** done"], cut
+    masker = StreamMasker(Redactor())
+    assert masker.feed(b"bad \xff byte\nhalf \xe6\x97") == ["bad \ufffd byte"]
+    assert masker.close() == ["half \ufffd"]
+
+
+def test_a_50_mib_line_without_newline_stays_in_bounded_memory() -> None:
+    masker = StreamMasker(Redactor([SECRET], credentials=["pw"]))
+    assert masker.bound <= (1 << 20) + 1024
+    peak = 0
+    real_cut = masker._cut
+
+    def watched(out: list[str], *, final: bool) -> None:
+        nonlocal peak
+        peak = max(peak, masker.buffered)  # the most ever held: just before a piece is cut off
+        real_cut(out, final=final)
+
+    masker._cut = watched  # type: ignore[method-assign]
+    chunk = (b"0123456789abcdef" * 4096)[:-len(SECRET)] + SECRET.encode()  # 64 KiB, a secret in each
+    total = pieces = 0
+    for _ in range(50 * 16):
+        for piece in masker.feed(chunk):
+            assert len(piece) <= 1 << 20 and SECRET not in piece
+            total += len(piece)
+            pieces += 1
+        peak = max(peak, masker.buffered)
+    for piece in masker.close():
+        total += len(piece)
+        pieces += 1
+    assert (1 << 20) < peak <= masker.bound
+    assert pieces == 50 and total == 50 * 16 * (65536 - len(SECRET) + len(MASK))
+
+
+def test_stream_throughput(capsys: pytest.CaptureFixture[str]) -> None:
+    redactor = Redactor([f"secret-value-{i:03d}-xyzzy" for i in range(20)], credentials=["AKIA1234567890"])
+    lines = [f"epoch {i} step {i * 7} loss=0.{i:04d} acc=0.9 path=/data/{i}/x.npz" for i in range(100_000)]
+    data = ("\n".join(lines) + "\n").encode()
+    masker = StreamMasker(redactor)
+    start = time.perf_counter()
+    out = _stream(masker, data)
+    elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    for line in lines:
+        redactor.mask(line)
+    per_line = time.perf_counter() - start
+    assert out == lines
+    with capsys.disabled():
+        print(f"\nStreamMasker: 100k lines ({len(data) / 1e6:.1f} MB) in {elapsed:.3f} s "
+              f"({len(data) / 1e6 / elapsed:.1f} MB/s); Redactor.mask per line alone: {per_line:.3f} s")
+
+
+_PLAIN = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="*\r\n"), min_size=4, max_size=12)
+_STUFF = st.sampled_from(["a", "b", " ", "=", "@", "/", ":", "'", '"', "_", "KEY", "TOKEN", "AWS_SECRET_KEY=",
+                          "//u:", "git+https://", "é", "\r", "\n", "\r\n", "x" * 40])
+
+
+@given(
+    secrets=st.lists(_PLAIN, min_size=1, max_size=3),
+    picks=st.lists(st.tuples(_STUFF, st.booleans()), max_size=60),
+    size=st.integers(1, 40),
+    chunks=st.lists(st.integers(1, 64), min_size=1, max_size=8),
+)
+@settings(max_examples=300, deadline=None)
+def test_streaming_masks_like_whole_lines(
+    secrets: list[str], picks: list[tuple[str, bool]], size: int, chunks: list[int]
+) -> None:
+    text = "".join(stuff + (secrets[i % len(secrets)] if with_secret else "")
+                   for i, (stuff, with_secret) in enumerate(picks))
+    redactor = Redactor(secrets)
+    masker = StreamMasker(redactor, max_line_chars=size)
+    data, out, i = text.encode(), [], 0
+    while i < len(data):
+        step = chunks[len(out) % len(chunks)]
+        out += masker.feed(data[i : i + step])
+        i += step
+    out += masker.close()
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    expected = [redactor.mask(line) for line in lines]
+    for secret in secrets:
+        if len(secret) >= MIN_LITERAL and not any(secret in line for line in expected):
+            assert not any(secret in piece for piece in out)
+    assert masker.buffered == 0
+    if masker._forced == 0:  # nothing had to be cut inside an endless value: exactly the whole-line masking
+        assert "".join(out) == "".join(expected)
+
+
+# --- runner_secrets ---------------------------------------------------------------------------------------
+
+
+def test_runner_secrets() -> None:
+    environ = {
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "GITHUB_TOKEN": "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+        "HOME": "/root",
+        "PATH": "/usr/local/bin:/usr/bin",
+        "SHORT_KEY": "abc",
+        "USE_TOKEN": "true",
+        "DB_PASSWORD": "None",
+        "AMQP_URL": "amqp://runner:p%40ssw0rd@rabbit:5672/%2f",
+        "HTTP_PROXY": "http://proxy:3128",
+        "PIP_EXTRA_INDEX_URL": "https://u:tok12345@a.example/simple https://v:x@b.example/simple",
+        "NO_PROXY": "localhost,127.0.0.1",
+    }
+    assert runner_secrets(environ) == [
+        SECRET,
+        "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+        "p%40ssw0rd",
+        "p@ssw0rd",
+        "tok12345",
+    ]
+    redactor = Redactor(runner_secrets(environ))
+    leaked = f"env: {SECRET} ghp_16C7e42F292c6912E7710c838347Ae178B4a password p@ssw0rd, true, /root"
+    assert redactor.mask(leaked) == "env: **** **** password ****, true, /root"
+    masker = StreamMasker(redactor)
+    assert masker.feed(leaked.encode()) == [] and masker.close() == [redactor.mask(leaked)]
+    assert runner_secrets({}) == []

@@ -7,7 +7,8 @@ checks the experiment's results in the bucket and an empty queue:
 * extra data artifacts: ``--capture-once`` (immutable input), ``--capture`` (mutable, comes back) and
   ``--reuse`` (another experiment's workspace, sent without credentials);
 * an artifact given only by an ``http://`` URL;
-* a completion-service task whose ``retval`` is read back with the client's own artifact code.
+* a completion-service task whose ``retval`` is read back with the client's own artifact code;
+* ten completion-service tasks that finish at once, collected by the client's own ``CompletionService``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import tarfile
 import textwrap
+import threading
 import time
 import urllib.request
 import uuid
@@ -32,7 +35,7 @@ from support.rabbitmq import publish_like_studioml, ready_count
 from support.runner import Sandbox
 from support.s3server import REGION, MotoS3
 from support.studioml_client import cache_root, studio_run
-from test_studioml_rabbitmq import Deployment
+from test_studioml_rabbitmq import Deployment, rmq_s3_config
 
 pytestmark = pytest.mark.slow
 
@@ -330,3 +333,121 @@ def test_completion_service_task_retval_read_by_client(deployment: Deployment, s
     value = read["value"]
     assert value["sum"] == 10 and value["greeting"] == "HI" and value["cwd"] == "workspace"
     assert {"args", "clientscript"} <= set(value["files"])
+
+
+# --------------------------------------------------------------------------- 5. client's CompletionService
+
+# studioml 0.0.49's completion_service.py imports names its package no longer has (studio.util.rsync_cp and
+# parse_verbosity, logs.get_logger, studio.experiment.create_experiment, whose current version lives in
+# studio.experiments and wants a dependency policy); they are put back before the import, and rsync_cp copies
+# with shutil (adding the runner-side shim _COMPAT_SITECUSTOMIZE to each task's workspace) instead of rsync.
+_CLIENT_COMPLETION_SERVICE = """
+import functools, json, os, shutil, sys, time, types
+import studio.util as studio_util
+from studio import logs
+from studio.dependencies_policies.studio_dependencies_policy import StudioDependencyPolicy
+from studio.experiments import experiment as experiments_module
+from studio.queues import rabbit_queue
+from studio.util import util as util_module
+
+config_file, queue, task_file, compat_dir, count = sys.argv[1:6]
+
+
+def rsync_cp(source, dest, ignore_arg="", logger=None):
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(compat_dir, os.path.join(dest, "_studio_compat"))
+
+
+studio_util.rsync_cp = rsync_cp
+studio_util.parse_verbosity = util_module.parse_verbosity
+logs.get_logger = logs.getLogger
+legacy_experiment = types.ModuleType("studio.experiment")
+legacy_experiment.create_experiment = functools.partial(
+    experiments_module.create_experiment, dependency_policy=StudioDependencyPolicy(), from_compl_service=True)
+sys.modules["studio.experiment"] = legacy_experiment
+
+
+def enqueue(self, msg, retries=10):
+    # RMQueue.enqueue records a delivery only after publishing it; when the broker confirms first, the IO
+    # thread's list.remove fails, the connection drops and the message is "never acknowledged" (a client
+    # race, seen within ten quick submissions). Same protocol, recorded before publishing.
+    import pika
+    for _ in range(retries):
+        if self._channel is not None and self._channel.is_open and not self._queue_deleted:
+            break
+        time.sleep(1)
+    with self._msg_tracking_lock:
+        self._message_number += 1
+        number = self._message_number
+        self._deliveries.append(number)
+    properties = pika.BasicProperties(app_id="studioml", content_type="application/json",
+                                      delivery_mode=2 if self._is_persistent else None)
+    self._channel.basic_publish(exchange=self._exchange, routing_key=self._routing_key, body=msg,
+                                properties=properties, mandatory=True)
+    for _ in range(retries * 20):
+        time.sleep(0.05)
+        with self._msg_tracking_lock:
+            if number not in self._deliveries:
+                return number
+    raise Exception(f"studioml message {number} was never acknowledged")
+
+
+rabbit_queue.RMQueue.enqueue = enqueue
+from studio.completion_service.completion_service import CompletionService
+
+cs_config = {"queue": queue, "num_workers": 1, "sleep_time": 0.5, "timeout": 600,
+             "resources_needed": {"cpus": 1, "ram": "1g", "hdd": "2g", "gpus": 0}}
+results, started = {}, time.time()
+with CompletionService(queue, cs_config=cs_config, studio_config_file=config_file) as service:
+    submitted = [service.submitTaskWithFiles(task_file, {"n": n}, {}, job_id=n) for n in range(int(count))]
+    while len(results) < len(submitted) and time.time() - started < 600:
+        got = service.getResultsWithTimeout(timeout=max(1, 600 - (time.time() - started)))
+        if got is None:
+            break
+        results[got[0]] = got[1]
+print(json.dumps({"submitted": submitted, "results": results}))
+"""
+
+_QUICK_TASK = """\
+def clientFunction(args, files):
+    return {"twice": args["n"] * 2}
+"""
+
+
+def test_completion_service_collects_every_result_of_tasks_that_finish_at_once(
+        s3_server: MotoS3, rabbitmq_url: str, unique_queue: str, sandbox: Sandbox, studioml_bin: Path,
+        tmp_path: Path):
+    """Ten tasks that return at once, through the client's own CompletionService: each result is accepted
+    only if its ``retval``'s mtime is later than the submit time, which a runner finishing within the
+    same second used to miss (whole-second tar mtimes), so ``getResultsWithTimeout`` never returned it."""
+    config_extra = "env:\n    PYTHONPATH: _studio_compat\n"
+    deployment = Deployment(s3_server, rabbitmq_url, unique_queue, tmp_path)
+    rmq_s3_config(deployment.config, s3_server, deployment.bucket, rabbitmq_url, config_extra)
+    compat = tmp_path / "compat"
+    compat.mkdir()
+    (compat / "sitecustomize.py").write_text(_COMPAT_SITECUSTOMIZE)
+    task = tmp_path / "quick_task.py"
+    task.write_text(_QUICK_TASK)
+    count = 10
+
+    runner = sandbox.start(AMQP_URL=deployment.amqp_url, QUEUE_MATCH=f"^{deployment.queue}$")
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(runner.stdout or []), daemon=True)
+    reader.start()  # keep the runner's pipe drained
+    try:
+        out = client_python(studioml_bin, _CLIENT_COMPLETION_SERVICE, str(deployment.config),
+                            deployment.queue, str(task), str(compat), str(count), cwd=tmp_path,
+                            home=tmp_path / "home")
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        try:
+            runner.wait(60)
+        except subprocess.TimeoutExpired:
+            runner.kill()
+            runner.wait()
+        reader.join(10)
+    report = json.loads(out.strip().splitlines()[-1])
+    assert len(report["submitted"]) == count
+    expected = {key: {"twice": 2 * int(key.rsplit("_", 1)[1])} for key in report["submitted"]}
+    assert report["results"] == expected, "".join(log)[-5000:]

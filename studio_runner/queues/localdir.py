@@ -14,10 +14,16 @@ Claim scheme (at-least-once, no servers, any number of runner processes on one h
 
 1. Take the oldest regular file of ``<root>/<queue>/`` by mtime; skip the queue while the client's lock.lock
    exists (unless stale), and skip files that are not yet complete JSON (half-written) until they are old.
+   A file that cannot be checked or claimed (unreadable, replaced mid-check, too deeply nested for the
+   JSON scanner) never holds up the files behind it: it is skipped (reported once) or, if it is complete
+   but can never parse, delivered at once to be set aside. An unfinished file is re-read only when its
+   (inode, size, mtime, ctime) changed, so a huge truncated file is not read on every poll.
 2. Lock it (``flock`` LOCK_EX|LOCK_NB on an open descriptor), then ``rename`` it into ``.inflight``: the
    rename picks the single winner, and the lock travels with the file because it belongs to the inode.
 3. The open, locked descriptor is the lease. Only a lock holder moves or deletes a message file: ack deletes
-   it, nack renames it back with its name and mtime (it keeps its place in line), set_aside moves it aside.
+   it, nack and release rename it back with its name and mtime (it keeps its place in line; nack also counts
+   the attempt in ``.attempts``), set_aside moves it aside. A lease whose file someone else moved or deleted
+   is lost: its descriptor is closed and settling it does nothing.
 4. A dead runner's locks die with it: every discover() and receive() probes in-flight files, and one whose
    lock can be taken goes back to its queue, counted as an attempt (or aside, "queue deleted", if it is gone).
 5. Bookkeeping stays in hidden sibling directories, so neither the client's ``has_next()`` nor discover()
@@ -25,12 +31,15 @@ Claim scheme (at-least-once, no servers, any number of runner processes on one h
 
 Needs a local filesystem with real ``flock(2)`` semantics (not NFS, where Linux emulates it with per-process
 POSIX locks). A delivery still held when the runner closes stays in flight and is recovered by the next
-discover() or receive() of any runner on the root.
+discover() or receive() of any runner on the root. Claims never expire while their runner lives, so
+``keep_alive`` has nothing to renew and ``deadline_warning`` nothing to warn about.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -40,10 +49,16 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
+
+from studio_runner.errors import ConfigError
+
+if TYPE_CHECKING:
+    from studio_runner.queues.base import Delivery, QueueBackend
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +67,24 @@ INFLIGHT = ".inflight"
 ATTEMPTS = ".attempts"
 SET_ASIDE = ".set-aside"
 TMP = ".tmp"
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a name swapped for a FIFO between listing and open must not hang the worker thread
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _ORPHAN_SIDECAR_AGE = 3600.0
+_MEMO_MAX = 4096
+"""At most this many files are remembered as unfinished or as already reported (oldest forgotten first)."""
+_TAIL = 4096
+_JSON_LAST = frozenset(b'}]"0123456789elNy')
+"""Bytes a JSON text can end with (Python's json also takes NaN and Infinity); \\0 and whitespace trail."""
+LOST_MOVED = "the in-flight file was moved or deleted by someone else"
+LOST_CLOSED = ("the runner closed its local queue while holding the message: it stays in flight until a "
+               "runner recovers it (counted as an attempt)")
+
+Identity = tuple[int, int, int, int]
+"""(inode, size, mtime_ns, ctime_ns): any write, truncation, utime or replacement changes it."""
+
+
+def _identity(st: os.stat_result) -> Identity:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _is_message_name(name: str) -> bool:
@@ -98,12 +129,31 @@ def _read_fd(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _is_complete_json(body: bytes) -> bool:
+def _may_end_json(fd: int, size: int) -> bool:
+    """Cheap test on the file's tail: False when it cannot be a complete JSON text, so a truncated file (even
+    a huge one) is rejected without reading it whole."""
+    if size == 0:
+        return False
+    tail = os.pread(fd, min(size, _TAIL), max(0, size - _TAIL)).rstrip(b" \t\r\n\0")
+    if not tail:
+        return size > _TAIL  # only trailing blanks in the window: let the full parse decide
+    return tail[-1] in _JSON_LAST
+
+
+def _is_unfinished_json(body: bytes) -> bool:
+    """Whether ``body`` looks like JSON still being written (not yet decodable).
+
+    Anything else counts as finished, including bodies that can never parse: too deeply nested for the
+    scanner (RecursionError) or holding an unusable number. The request parser sets those aside; waiting for
+    them would only hold up the queue.
+    """
     try:
         json.loads(body)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError both derive from it
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return True
+    except (RecursionError, ValueError):
         return False
-    return True
+    return False
 
 
 class LocalDelivery:
@@ -116,36 +166,78 @@ class LocalDelivery:
         self.body = body
         self.attempt = attempt
         self.lost = trio.Event()
+        self.lost_reason: str | None = None
+        """Why the lease was lost (file moved or deleted by someone else, runner closed); None while held."""
         self.path = path
         """Where the message lies while in flight (for logs and tests)."""
         self._backend = backend
         self._fd: int | None = fd
         self._stat = st
+        self._settled = False
 
     def __repr__(self) -> str:
         return f"<LocalDelivery {self.queue}/{self.message_id} attempt={self.attempt}>"
 
     async def ack(self) -> None:
-        """Delete the message and its attempt count; a lost file is already gone, which is fine."""
-        await trio.to_thread.run_sync(self._finish, self._ack_sync)
+        """Delete the message and its attempt count."""
+        await self._settle("ack", self._ack_sync)
 
     async def nack(self) -> None:
         """Count this attempt and put the message back under its own name and mtime."""
-        await trio.to_thread.run_sync(self._finish, self._nack_sync)
+        await self._settle("nack", self._nack_sync)
+
+    async def release(self) -> None:
+        """Put the message back under its own name and mtime without counting an attempt."""
+        await self._settle("release", self._release_sync)
 
     async def set_aside(self, reason: str) -> None:
         """Move the message to ``.set-aside/<queue>/`` with a ``.reason.txt`` beside it."""
-        await trio.to_thread.run_sync(self._finish, lambda: self._set_aside_sync(reason))
+        await self._settle("set_aside", lambda: self._set_aside_sync(reason))
 
-    def _finish(self, action: Callable[[], None]) -> None:
-        if self._fd is None:
-            raise RuntimeError(f"{self!r} was already finished or its lease released")
+    async def keep_alive(self) -> None:
+        """Nothing to renew: the lease is a lock that lasts as long as this process holds the descriptor."""
+        await trio.lowlevel.checkpoint()
+
+    async def _settle(self, op: str, action: Callable[[], None]) -> None:
+        """Run ``action`` once, with the lease held; a lost lease or a second settle is logged, not raised
+        (at-least-once: whoever has the file now decides its fate)."""
+        if not self._begin_settle(op):
+            await trio.lowlevel.checkpoint()
+            return
+        vanished = await trio.to_thread.run_sync(self._finish, action)
+        if vanished:
+            log.warning("%s of %r skipped: %s", op, self, LOST_MOVED)
+            if self.lost_reason is None:
+                self.lost_reason = LOST_MOVED
+            self.lost.set()
+
+    def _begin_settle(self, op: str) -> bool:
+        with self._backend._guard:  # aclose and the loss probe take the descriptor under the same guard
+            lost = self.lost_reason is not None or self.lost.is_set() or (
+                self._fd is None and not self._settled)
+            repeated = not lost and self._settled
+            if not lost and not repeated:
+                self._settled = True
+                return True
+        if lost:
+            log.info("%s of %r skipped: the claim was lost (%s)", op, self,
+                     self.lost_reason or "lease released")
+        else:
+            log.warning("%s of %r ignored: it was already settled", op, self)
+        return False
+
+    def _finish(self, action: Callable[[], None]) -> bool:
+        """Worker thread: run ``action`` unless the in-flight file is no longer ours (then return True)."""
+        assert self._fd is not None
         try:
+            if not _same_file(self._fd, self.path):
+                return True
             action()
+            return False
         finally:
-            self._release()
+            self._drop_lease()
 
-    def _release(self) -> None:
+    def _drop_lease(self) -> None:
         with self._backend._guard:  # _lost_sync reads _fd under the same guard
             fd, self._fd = self._fd, None
             self._backend._held.pop(self.path, None)
@@ -156,21 +248,20 @@ class LocalDelivery:
         Path(self.path).unlink(missing_ok=True)
         self._backend._attempts_path(self.queue, self.message_id).unlink(missing_ok=True)
 
-    def _nack_sync(self) -> None:
-        b = self._backend
+    def _restore_times(self) -> None:
         assert self._fd is not None
-        if not _same_file(self._fd, self.path):
-            log.warning("%r: in-flight file vanished before nack", self)
-            return
         os.utime(self._fd, ns=(self._stat.st_atime_ns, self._stat.st_mtime_ns))
-        b._write_attempts(self.queue, self.message_id, self.attempt)
-        b._return_or_set_aside(self.queue, self.message_id, self.path, self.attempt)
+
+    def _nack_sync(self) -> None:
+        self._restore_times()
+        self._backend._write_attempts(self.queue, self.message_id, self.attempt)
+        self._backend._return_or_set_aside(self.queue, self.message_id, self.path, self.attempt)
+
+    def _release_sync(self) -> None:
+        self._restore_times()  # the attempts file is left as it is: the next delivery has this attempt
+        self._backend._return_or_set_aside(self.queue, self.message_id, self.path, self.attempt - 1)
 
     def _set_aside_sync(self, reason: str) -> None:
-        assert self._fd is not None
-        if not _same_file(self._fd, self.path):
-            log.warning("%r: in-flight file vanished before set_aside", self)
-            return
         self._backend._move_aside(self.queue, self.message_id, self.path, reason, self.attempt)
 
 
@@ -195,8 +286,23 @@ class LocalDirQueue:
         self._guard = threading.Lock()
         self._held: dict[str, LocalDelivery | None] = {}
         """In-flight paths this process holds (None while a claim is being completed)."""
+        self._memo_lock = threading.Lock()
+        self._unfinished: collections.OrderedDict[tuple[str, str], Identity] = collections.OrderedDict()
+        """Files last seen not (yet) complete JSON, by identity: re-read only once they change."""
+        self._reported: collections.OrderedDict[tuple[str, str], tuple[Identity | None, str]] = \
+            collections.OrderedDict()
+        """Files whose problem was logged, so a file that fails on every poll is reported once."""
 
     # -- public API -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the root if missing and check it is a writable directory, so a wrong --queue-root shows
+        at start-up rather than as an empty queue list."""
+        await trio.to_thread.run_sync(self._start_sync)
+
+    def deadline_warning(self, seconds: float) -> str | None:
+        """None: a local claim lasts as long as its runner, whatever the experiment's deadline."""
+        return None
 
     async def discover(self) -> list[str]:
         """Queue directories under the root; also recovers orphaned in-flight messages."""
@@ -205,7 +311,8 @@ class LocalDirQueue:
         return names
 
     async def receive(self, queue: str) -> LocalDelivery | None:
-        """Claim the oldest settled message of ``queue``, or None."""
+        """Claim the oldest settled message of ``queue``, or None. A file that cannot be checked or claimed
+        is skipped (and reported once), never raised: it must not hold up the messages behind it."""
         _check_queue_name(queue)
         return await trio.to_thread.run_sync(self._receive_sync, queue)
 
@@ -218,12 +325,23 @@ class LocalDirQueue:
         return present
 
     async def aclose(self) -> None:
-        """Release every lease still held; those messages are recovered by the next runner's probe."""
+        """Release every lease still held; those messages are recovered by the next runner's probe, and the
+        deliveries are lost (settling them does nothing)."""
         with self._guard:
-            live = [d for d in self._held.values() if d is not None]
+            live = [d for d in self._held.values() if d is not None and d._fd is not None and not d._settled]
+            fds = []
+            for d in live:
+                fds.append(d._fd)
+                d._fd = None
+                d.lost_reason = LOST_CLOSED
+                self._held.pop(d.path, None)
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
         for d in live:
             log.info("%r: releasing lease at shutdown, message stays in flight for recovery", d)
-            d._release()
+            d.lost.set()
+        await trio.lowlevel.checkpoint()
 
     async def enqueue(self, queue: str, body: bytes, lock_timeout: float = 30.0) -> str:
         """Publish like the client does (under lock.lock), but never half-written: temp file + rename."""
@@ -249,6 +367,20 @@ class LocalDirQueue:
             if owned:
                 lock.unlink(missing_ok=True)
 
+    def _start_sync(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ConfigError(f"queue root (--queue-root) {self.root} is not a directory") from None
+        except OSError as exc:
+            raise ConfigError(f"queue root (--queue-root) {self.root} cannot be created: "
+                              f"{exc.strerror or exc}") from None
+        if not self.root.is_dir():
+            raise ConfigError(f"queue root (--queue-root) {self.root} is not a directory")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise ConfigError(f"queue root (--queue-root) {self.root} is not writable: messages could not "
+                              "be claimed")
+
     # -- claim ------------------------------------------------------------------------------------------
 
     def _receive_sync(self, queue: str) -> LocalDelivery | None:
@@ -260,20 +392,28 @@ class LocalDirQueue:
             entries = list(os.scandir(qdir))
         except (FileNotFoundError, NotADirectoryError):
             return None
-        candidates = []
+        candidates: list[tuple[int, str, Identity]] = []
         for e in entries:
             if not _is_message_name(e.name):
                 continue
             try:
                 if e.is_file(follow_symlinks=False):
-                    candidates.append((e.stat(follow_symlinks=False).st_mtime_ns, e.name))
-            except FileNotFoundError:
+                    st = e.stat(follow_symlinks=False)
+                    candidates.append((st.st_mtime_ns, e.name, _identity(st)))
+            except OSError:  # gone meanwhile; anything else shows when we try to claim it
                 continue
-        now = time.time()
-        for mtime_ns, name in sorted(candidates):
-            if now - mtime_ns / 1e9 < self.settle_after:
+        self._forget_others(queue, [name for _, name, _ in candidates])
+        for mtime_ns, name, ident in sorted(candidates):
+            age = time.time() - mtime_ns / 1e9
+            if age < self.settle_after:
                 break  # sorted by age: every later file is younger still
-            delivery = self._try_claim(queue, name)
+            if age < self.malformed_after and self._known_unfinished(queue, name, ident):
+                continue  # unchanged since it was last found unfinished: not worth reading again
+            try:
+                delivery = self._try_claim(queue, name)
+            except Exception as exc:  # one bad file must never hold up the rest of the queue
+                self._report_once(queue, name, ident, exc)
+                continue
             if delivery is not None:
                 return delivery
         return None
@@ -282,37 +422,65 @@ class LocalDirQueue:
         src = str(self.root / queue / name)
         try:
             fd = os.open(src, _OPEN_FLAGS)
-        except OSError:  # gone, or a symlink
+        except FileNotFoundError:  # another runner or the client took it first
             return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # replaced by a symlink: not a message
+                return None
+            raise
         dst = str(self.root / INFLIGHT / queue / f"{name}~{self._token}")
+        delivery = None
         try:
             if not (_try_lock(fd) and _same_file(fd, src)):
-                os.close(fd)
                 return None
             st = os.fstat(fd)
-            body = _read_fd(fd)
-            age = time.time() - st.st_mtime
-            if not stat.S_ISREG(st.st_mode) or age < self.settle_after or (
-                    age < self.malformed_after and not _is_complete_json(body)):
-                os.close(fd)
+            if not stat.S_ISREG(st.st_mode):  # replaced by a directory or a device since the listing
                 return None
+            body = self._settled_body(queue, name, fd, st)
+            if body is None:
+                return None
+            attempt = self._read_attempts(queue, name) + 1  # before the rename: nothing may fail after it
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             with self._guard:
                 self._held[dst] = None
-            os.rename(src, dst)
+            try:
+                os.rename(src, dst)
+            except BaseException:
+                self._forget_path(dst)
+                raise
+            delivery = LocalDelivery(self, queue, name, dst, fd, body, attempt, st)
+            with self._guard:
+                self._held[dst] = delivery
         except FileNotFoundError:  # another runner or the client took it first
-            self._forget_path(dst)
-            os.close(fd)
             return None
-        except BaseException:
-            self._forget_path(dst)
-            os.close(fd)
-            raise
-        delivery = LocalDelivery(self, queue, name, dst, fd, body, self._read_attempts(queue, name) + 1, st)
-        with self._guard:
-            self._held[dst] = delivery
+        finally:
+            if delivery is None:
+                os.close(fd)
+        self._forget(queue, name)
         log.debug("claimed %s/%s as %s (attempt %d)", queue, name, dst, delivery.attempt)
         return delivery
+
+    def _settled_body(self, queue: str, name: str, fd: int, st: os.stat_result) -> bytes | None:
+        """The body of a file ready to be taken (settled, and complete JSON or too old to wait for), else
+        None. An unfinished file is remembered by identity so that it is not read again until it changes."""
+        age = time.time() - st.st_mtime
+        if age < self.settle_after:
+            return None
+        ident = _identity(st)
+        if age >= self.malformed_after:
+            if self._known_unfinished(queue, name, ident):
+                log.info("%s/%s is still not complete JSON after %.0f s: taking it to be set aside",
+                         queue, name, age)
+            return _read_fd(fd)
+        if self._known_unfinished(queue, name, ident):
+            return None
+        body = _read_fd(fd) if _may_end_json(fd, st.st_size) else None
+        if body is None or _is_unfinished_json(body):
+            log.debug("%s/%s is not complete JSON yet (%d bytes); waiting for it to change", queue, name,
+                      st.st_size)
+            self._remember_unfinished(queue, name, ident)
+            return None
+        return body
 
     # -- recovery ---------------------------------------------------------------------------------------
 
@@ -336,7 +504,10 @@ class LocalDirQueue:
             with self._guard:
                 if path in self._held:
                     continue
-            self._recover_one(queue, entry, path)
+            try:
+                self._recover_one(queue, entry, path)
+            except Exception as exc:  # one stuck file must not stop the probe (nor the receive behind it)
+                self._report_once(f"{INFLIGHT}/{queue}", entry, None, exc)
 
     def _recover_one(self, queue: str, entry: str, path: str) -> None:
         try:
@@ -400,16 +571,68 @@ class LocalDirQueue:
         return any(e.rsplit("~", 1)[0] == name for e in self._listdir(self.root / INFLIGHT / queue))
 
     def _lost_sync(self) -> list[LocalDelivery]:
+        """Leases whose in-flight file someone else moved or deleted: their descriptors are closed at once,
+        so our lock cannot keep whoever has the file now from claiming it."""
+        lost = []
         with self._guard:  # held throughout, so no descriptor is closed (and reused) under our feet
-            return [d for d in self._held.values()
-                    if d is not None and d._fd is not None and not d.lost.is_set()
-                    and not _same_file(d._fd, d.path)]
+            for d in list(self._held.values()):
+                if d is None or d._fd is None or d._settled or _same_file(d._fd, d.path):
+                    continue
+                fd, d._fd = d._fd, None
+                d.lost_reason = LOST_MOVED
+                self._held.pop(d.path, None)
+                os.close(fd)
+                lost.append(d)
+        return lost
 
     @staticmethod
     def _mark_lost(lost: list[LocalDelivery]) -> None:
         for d in lost:
             log.error("%r: in-flight file %s disappeared; the claim is lost", d, d.path)
             d.lost.set()
+
+    # -- per-file memory ----------------------------------------------------------------------------------
+
+    def _known_unfinished(self, queue: str, name: str, ident: Identity) -> bool:
+        with self._memo_lock:
+            return self._unfinished.get((queue, name)) == ident
+
+    def _remember_unfinished(self, queue: str, name: str, ident: Identity) -> None:
+        with self._memo_lock:
+            self._unfinished[(queue, name)] = ident
+            self._unfinished.move_to_end((queue, name))
+            while len(self._unfinished) > _MEMO_MAX:
+                self._unfinished.popitem(last=False)
+
+    def _report_once(self, queue: str, name: str, ident: Identity | None, exc: Exception) -> None:
+        """Log why a file was skipped, once per file and problem (again only if the file or problem
+        changes): a file that fails on every poll must not flood the log."""
+        what = f"{type(exc).__name__}: {exc}"
+        with self._memo_lock:
+            repeated = self._reported.get((queue, name)) == (ident, what)
+            self._reported[(queue, name)] = (ident, what)
+            self._reported.move_to_end((queue, name))
+            while len(self._reported) > _MEMO_MAX:
+                self._reported.popitem(last=False)
+        if repeated:
+            log.debug("%s/%s skipped again: %s", queue, name, what)
+            return
+        log.warning("%s/%s skipped: it cannot be checked or claimed (%s); the rest of the queue is served, "
+                    "and this file is tried again on every poll", queue, name, what,
+                    exc_info=not isinstance(exc, OSError))
+
+    def _forget(self, queue: str, name: str) -> None:
+        with self._memo_lock:
+            self._unfinished.pop((queue, name), None)
+            self._reported.pop((queue, name), None)
+
+    def _forget_others(self, queue: str, names: Iterable[str]) -> None:
+        """Drop what is remembered about files of ``queue`` that are no longer in it."""
+        present = set(names)
+        with self._memo_lock:
+            for memo in (self._unfinished, self._reported):
+                for key in [k for k in memo if k[0] == queue and k[1] not in present]:
+                    del memo[key]
 
     # -- small helpers ----------------------------------------------------------------------------------
 
@@ -438,7 +661,7 @@ class LocalDirQueue:
         """Times the message was handed back so far (0 when never)."""
         try:
             return max(0, int(self._attempts_path(queue, name).read_text().strip()))
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
             return 0
 
     def _write_attempts(self, queue: str, name: str, handed_back: int) -> None:
@@ -465,3 +688,10 @@ class LocalDirQueue:
         name = str(uuid.uuid4())
         self._atomic_write(qdir / name, body)
         return name
+
+
+if TYPE_CHECKING:  # mypy proves that this backend honours the protocol; nothing runs
+
+    def _honours_the_protocol(backend: LocalDirQueue,
+                              delivery: LocalDelivery) -> tuple[QueueBackend, Delivery]:
+        return backend, delivery

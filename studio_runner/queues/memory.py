@@ -1,19 +1,28 @@
 """An in-memory queue backend with the real backends' contract, for supervisor and executor tests.
 
 It behaves like the local directory queue where the contract leaves room: a handed-back message keeps its
-place in line and counts an attempt; a delivery still held at :meth:`MemoryQueue.aclose` goes back as if its
-runner had died (one attempt counted); :meth:`MemoryQueue.lose` plays a broker that took a claim back
-(RabbitMQ channel closed, SQS visibility lapsed) so tests can drive ``Delivery.lost``.
+place in line; nack counts an attempt and release does not; a delivery still held at
+:meth:`MemoryQueue.aclose` goes back as if its runner had died (one attempt counted) and is lost;
+:meth:`MemoryQueue.lose` plays a broker that took a claim back (RabbitMQ channel closed, SQS visibility
+lapsed) so tests can drive ``Delivery.lost`` and ``Delivery.lost_reason``. Like the real backends, settling
+a lost delivery does nothing, and settling twice is logged rather than raised.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from studio_runner.queues.base import Delivery, QueueBackend
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(order=True)
@@ -36,7 +45,7 @@ class Record:
 
 
 class MemoryDelivery:
-    """One claimed in-memory message. A lost delivery's ack / nack / set_aside change nothing."""
+    """One claimed in-memory message. A lost delivery's settle calls change nothing."""
 
     def __init__(self, backend: MemoryQueue, queue: str, message: _Message) -> None:
         self.queue = queue
@@ -44,6 +53,7 @@ class MemoryDelivery:
         self.body = message.body
         self.attempt = message.handed_back + 1
         self.lost = trio.Event()
+        self.lost_reason: str | None = None
         self._backend = backend
         self._message = message
         self._done = False
@@ -54,36 +64,52 @@ class MemoryDelivery:
     async def ack(self) -> None:
         """Remove the message for good."""
         await trio.lowlevel.checkpoint()
-        if self._finish():
+        if self._finish("ack"):
             self._backend.acked.append(self._record())
 
     async def nack(self) -> None:
         """Put the message back in its original place, counting this attempt."""
         await trio.lowlevel.checkpoint()
-        if self._finish():
+        if self._finish("nack"):
             self._backend.nacked.append(self._record())
             self._backend._hand_back(self.queue, self._message, self.attempt)
+
+    async def release(self) -> None:
+        """Put the message back in its original place without counting an attempt."""
+        await trio.lowlevel.checkpoint()
+        if self._finish("release"):
+            self._backend.released.append(self._record())
+            self._backend._hand_back(self.queue, self._message, self.attempt - 1)
 
     async def set_aside(self, reason: str) -> None:
         """Quarantine the message with ``reason``."""
         await trio.lowlevel.checkpoint()
-        if self._finish():
+        if self._finish("set_aside"):
             self._backend.set_aside_items.append(self._record(reason))
 
-    def _finish(self) -> bool:
-        """Mark the delivery finished; False when the claim was lost and nothing should happen."""
+    async def keep_alive(self) -> None:
+        """Nothing to renew: in-memory claims never expire (use :meth:`MemoryQueue.lose` to take one)."""
+        await trio.lowlevel.checkpoint()
+
+    def _finish(self, op: str) -> bool:
+        """Mark the delivery finished; False (logged) when the claim was lost or it was already finished."""
+        if self.lost.is_set():
+            log.info("%s of %r skipped: the claim was lost (%s)", op, self, self.lost_reason)
+            return False
         if self._done:
-            raise RuntimeError(f"{self!r} was already finished or released")
+            log.warning("%s of %r ignored: it was already settled", op, self)
+            return False
         self._done = True
         self._backend._live.discard(self)
-        return not self.lost.is_set()
+        return True
 
     def _record(self, reason: str | None = None) -> Record:
         return Record(self.queue, self.message_id, self.body, self.attempt, reason)
 
 
 class MemoryQueue:
-    """Queues as in-memory lists; inspect ``acked``, ``nacked``, ``set_aside_items`` and ``pending()``."""
+    """Queues as in-memory lists; inspect ``acked``, ``nacked``, ``released``, ``set_aside_items`` and
+    ``pending()``."""
 
     kind = "memory"
 
@@ -93,6 +119,7 @@ class MemoryQueue:
         self._live: set[MemoryDelivery] = set()
         self.acked: list[Record] = []
         self.nacked: list[Record] = []
+        self.released: list[Record] = []
         self.set_aside_items: list[Record] = []
 
     # -- test helpers -------------------------------------------------------------------------------------
@@ -119,15 +146,29 @@ class MemoryQueue:
     def in_flight(self) -> list[MemoryDelivery]:
         return sorted(self._live, key=lambda d: d._message.seq)
 
-    def lose(self, delivery: MemoryDelivery) -> None:
-        """The broker takes the claim back: ``lost`` is set and the message is waiting again."""
+    def lose(self, delivery: MemoryDelivery,
+             reason: str = "the broker took the message back (MemoryQueue.lose)") -> None:
+        """The broker takes the claim back: ``lost`` is set with ``reason`` and the message is waiting
+        again, counted as an attempt (as a redelivery after a crash is)."""
         if delivery._done or delivery.lost.is_set():
             raise RuntimeError(f"{delivery!r} is not held")
+        self._take_back(delivery, reason)
+
+    def _take_back(self, delivery: MemoryDelivery, reason: str) -> None:
+        delivery.lost_reason = reason
         delivery.lost.set()
         self._live.discard(delivery)
         self._hand_back(delivery.queue, delivery._message, delivery.attempt)
 
     # -- QueueBackend -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+        await trio.lowlevel.checkpoint()
+
+    def deadline_warning(self, seconds: float) -> str | None:
+        """None: in-memory claims never expire."""
+        return None
 
     async def discover(self) -> list[str]:
         await trio.lowlevel.checkpoint()
@@ -147,12 +188,10 @@ class MemoryQueue:
         return queue in self._queues
 
     async def aclose(self) -> None:
-        """Unfinished deliveries go back, one attempt counted, as when a runner dies."""
+        """Unfinished deliveries go back, one attempt counted, as when a runner dies; they are lost."""
         await trio.lowlevel.checkpoint()
         for delivery in self.in_flight:
-            delivery._done = True
-            self._live.discard(delivery)
-            self._hand_back(delivery.queue, delivery._message, delivery.attempt)
+            self._take_back(delivery, "the runner closed the queue backend while holding the message")
 
     def _hand_back(self, queue: str, message: _Message, handed_back: int) -> None:
         message.handed_back = handed_back
@@ -162,3 +201,10 @@ class MemoryQueue:
             self.set_aside_items.append(record)
             return
         bisect.insort(waiting, message)
+
+
+if TYPE_CHECKING:  # mypy proves that this backend honours the protocol; nothing runs
+
+    def _honours_the_protocol(backend: MemoryQueue,
+                              delivery: MemoryDelivery) -> tuple[QueueBackend, Delivery]:
+        return backend, delivery

@@ -15,8 +15,12 @@ Why it is built this way:
   ``x-consumer-timeout`` argument is passed only where the broker honours it (3.11.15+, 3.12+).
 * Attempts: classic queues carry no delivery count, so nack re-publishes the body with header
   ``x-studio-runner-attempt: N+1`` (same exchange, routing key and properties, publisher-confirmed) and then
-  acks the original; the copy goes to the tail of the queue. A redelivery after a crash or a lost claim is
-  counted via ``redelivered`` (at least 2) and quorum queues' ``x-delivery-count`` is added when present.
+  acks the original; the copy goes to the tail of the queue. release does the same with ``N`` (the broker's
+  own requeue would set ``redelivered``, which counts as a crash). A redelivery after a crash or a lost
+  claim is counted via ``redelivered`` (at least 2) and quorum queues' ``x-delivery-count`` is added when
+  present.
+* Claims do not expire except through the broker's consumer timeout, which cannot be extended per message:
+  ``keep_alive`` does nothing and ``deadline_warning`` says when an experiment may outlive its claim.
 * Set aside: the body goes to the durable queue ``studio-runner.set-aside`` (default exchange, headers with
   reason and origin). The name cannot match the default ``--queue-match`` pattern and the queue is bound to
   nothing, so no runner ever serves it.
@@ -31,7 +35,7 @@ import socket
 from collections.abc import Callable, Mapping
 from functools import partial
 from itertools import count
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
 import trio
@@ -50,6 +54,9 @@ from studio_runner.queues.rmq_mgmt import (
     studio_queues,
 )
 from studio_runner.units import format_duration
+
+if TYPE_CHECKING:
+    from studio_runner.queues.base import Delivery, QueueBackend
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +92,29 @@ class RabbitMQDelivery:
         """Hand the message back for attempt N+1 (re-published copy, then ack of this one)."""
         await self._settle("nack", None)
 
+    async def release(self) -> None:
+        """Hand the message back as attempt N again: a re-published copy carrying the current attempt, then
+        ack of this one. The broker's own requeue would set ``redelivered``, which counts as a crash."""
+        await self._settle("release", None)
+
     async def set_aside(self, reason: str) -> None:
         """Move the message to the set-aside queue with ``reason``, then ack it here."""
         await self._settle("set_aside", reason)
 
+    async def keep_alive(self) -> None:
+        """Nothing to renew: RabbitMQ's consumer timeout cannot be extended per message (see
+        :meth:`RabbitMQQueue.deadline_warning` for the warning instead)."""
+        await trio.lowlevel.checkpoint()
+
     async def _settle(self, op: str, reason: str | None) -> None:
+        if self.lost.is_set():
+            log.info("%s of message %s of queue %s skipped: the broker already took it back (%s; "
+                     "at-least-once)", op, self.message_id, self.queue, self.lost_reason or "claim lost")
+            await trio.lowlevel.checkpoint()
+            return
         if self._settled:
             log.warning("%s of message %s ignored: it was already settled", op, self.message_id)
+            await trio.lowlevel.checkpoint()
             return
         self._settled = True
         done = await await_call(self._link, lambda call: self._link.settle(self._held, op, reason), None)
@@ -253,3 +276,10 @@ class RabbitMQQueue:
                 self._link.stop()
                 await trio.to_thread.run_sync(self._link.join, 30)
             self._mgmt.close()
+
+
+if TYPE_CHECKING:  # mypy proves that this backend honours the protocol; nothing runs
+
+    def _honours_the_protocol(backend: RabbitMQQueue,
+                              delivery: RabbitMQDelivery) -> tuple[QueueBackend, Delivery]:
+        return backend, delivery

@@ -325,20 +325,22 @@ class Link(threading.Thread):
             pending.call.finish(held.delivery)
 
     def release(self, held: Held) -> None:
-        """A delivery nobody will run (its receive() was cancelled): give it straight back."""
+        """A delivery nobody will run (its receive() was cancelled): give it back without counting an
+        attempt, as :meth:`settle` does for ``release`` (a plain reject would come back ``redelivered``)."""
         self._held.discard(held)
         if held.settled or held.lost:
             return
         held.settled = True
         try:
-            held.channel.basic_reject(held.tag, requeue=True)
+            self._republish(held, held.attempt)
         except pex.AMQPChannelError:
-            pass
-        _close_quietly(held.channel)
+            pass  # its channel is gone: the broker has already requeued it
+        finally:
+            _close_quietly(held.channel)
 
     # settle ---------------------------------------------------------------------------------------
     def settle(self, held: Held, op: str, reason: str | None) -> bool:
-        """ack / nack / set_aside on the delivery's own channel, then close that channel."""
+        """ack / nack / release / set_aside on the delivery's own channel, then close that channel."""
         name = held.delivery.message_id if held.delivery else "?"
         if held.settled:
             log.warning("%s of message %s ignored: it was already settled", op, name)
@@ -353,7 +355,9 @@ class Link(threading.Thread):
             if op == "ack":
                 held.channel.basic_ack(held.tag)
             elif op == "nack":
-                self._requeue(held)
+                self._republish(held, held.attempt + 1)
+            elif op == "release":
+                self._republish(held, held.attempt)
             else:
                 self._set_aside(held, reason or "")
             return True
@@ -391,14 +395,16 @@ class Link(threading.Thread):
             return
         held.channel.basic_ack(held.tag)
 
-    def _requeue(self, held: Held) -> None:
+    def _republish(self, held: Held, attempt: int) -> None:
+        """Hand back by re-publishing a copy that says which ``attempt`` its next delivery is, then acking
+        the original: the broker's own requeue would set ``redelivered``, which counts as a crash."""
         properties = copy.copy(held.properties)
         headers = dict(properties.headers or {})
         headers.pop("x-delivery-count", None)
-        headers[ATTEMPT_HEADER] = held.attempt + 1
+        headers[ATTEMPT_HEADER] = attempt
         properties.headers = headers
         self._publish_then_ack(held, held.exchange, held.routing_key, properties,
-                               f"re-publishing message for attempt {held.attempt + 1}", drop_unroutable=True)
+                               f"re-publishing message for attempt {attempt}", drop_unroutable=True)
 
     def _set_aside(self, held: Held, reason: str) -> None:
         if not self._aside_declared:

@@ -1,7 +1,8 @@
 """Read-only objects behind plain http(s) URLs (``studio run --capture-once=https://...`` artifacts).
 
 The client sends these with no credentials, so a plain GET is all there is. A synchronous httpx client runs in
-a worker thread: simpler than an async client under trio, and the download streams to disk either way.
+a worker thread: simpler than an async client under trio, and the download streams to disk either way; it
+checks for cancellation between chunks. A full disk while downloading is ``DiskFull``, not a storage fault.
 Messages never show the URL's query string, which for presigned URLs holds the signature.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from studio_runner.errors import ObjectNotFound, StorageError
+from studio_runner.errors import DiskFull, ObjectNotFound, StorageError, is_disk_full
 from studio_runner.storage import redact_url
 from studio_runner.storage.base import Credentials, ObjectInfo
 
@@ -58,6 +59,7 @@ class HttpStore:
             with os.fdopen(fd, "wb") as out, client, client.stream("GET", url) as response:
                 _check(url, response)
                 for chunk in response.iter_bytes(1 << 20):
+                    trio.from_thread.check_cancelled()  # a cancelled download stops between chunks
                     out.write(chunk)
                 size, etag, mtime = out.tell(), response.headers.get("etag"), _mtime(response)
             os.replace(tmp_name, dest)
@@ -66,6 +68,8 @@ class HttpStore:
                 os.unlink(tmp_name)
             if isinstance(exc, httpx.HTTPError):
                 raise StorageError(f"GET {redact_url(url)} failed: {type(exc).__name__}: {exc}") from None
+            if isinstance(exc, OSError) and is_disk_full(exc):
+                raise DiskFull(f"no space left while downloading {redact_url(url)} to {dest}: {exc}") from exc
             if isinstance(exc, OSError):
                 raise StorageError(f"cannot save {redact_url(url)} to {dest}: {exc}") from exc
             raise

@@ -7,6 +7,8 @@ collapsed, no host, no percent-decoding: the client never encodes its keys).
 
 Reads copy (never hardlink: an experiment editing its input in place must not change the store); writes go
 to a temporary file beside the target and are renamed over it, so readers see the old or the new object.
+Copies check for cancellation between chunks, so cancelling a large transfer stops it promptly and leaves
+no temporary file; a full disk while downloading is ``DiskFull`` (retried), not a storage fault.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
-from studio_runner.errors import ObjectNotFound, StorageError
+from studio_runner.errors import DiskFull, ObjectNotFound, StorageError, is_disk_full
 from studio_runner.storage.base import Credentials, ObjectInfo
 
 _CHUNK = 1 << 20
@@ -42,8 +44,11 @@ def _info(url: str, st: os.stat_result) -> ObjectInfo:
     return ObjectInfo(url=url, size=st.st_size, etag=f"{st.st_size}-{st.st_mtime_ns}", mtime=st.st_mtime)
 
 
-def _atomic_copy(src: Path, dest: Path) -> os.stat_result:
-    """Copy ``src`` to ``dest`` through a temporary sibling and a rename; returns the source's stat."""
+def _atomic_copy(src: Path, dest: Path, check: Callable[[], None] | None = None) -> os.stat_result:
+    """Copy ``src`` to ``dest`` through a temporary sibling and a rename; returns the source's stat.
+
+    ``check`` runs before each chunk (``trio.from_thread.check_cancelled`` makes the copy cancellable).
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp_name = str(dest.parent / f".{dest.name}.{secrets.token_hex(8)}.tmp")
     # 0o666 less the umask, like the client's own copy: mkstemp's 0o600 would lock out other users.
@@ -51,7 +56,13 @@ def _atomic_copy(src: Path, dest: Path) -> os.stat_result:
     try:
         with os.fdopen(fd, "wb") as fdst, open(src, "rb") as fsrc:
             st = os.fstat(fsrc.fileno())
-            shutil.copyfileobj(fsrc, fdst, _CHUNK)
+            while True:
+                if check is not None:
+                    check()
+                chunk = fsrc.read(_CHUNK)
+                if not chunk:
+                    break
+                fdst.write(chunk)
             fdst.flush()
             os.fsync(fdst.fileno())
         os.replace(tmp_name, dest)
@@ -84,12 +95,14 @@ class LocalStore:
 
         def work() -> ObjectInfo:
             try:
-                return _info(url, _atomic_copy(src, Path(dest)))
+                return _info(url, _atomic_copy(src, Path(dest), trio.from_thread.check_cancelled))
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
                 if not src.is_file():
                     raise ObjectNotFound(url) from exc
                 raise StorageError(f"cannot copy {url} to {dest}: {exc}") from exc
             except OSError as exc:
+                if is_disk_full(exc):
+                    raise DiskFull(f"no space left while downloading {url} to {dest}: {exc}") from exc
                 raise StorageError(f"cannot read {url}: {exc}") from exc
 
         return await trio.to_thread.run_sync(work)
@@ -99,7 +112,7 @@ class LocalStore:
 
         def work() -> ObjectInfo:
             try:
-                _atomic_copy(Path(src), target)
+                _atomic_copy(Path(src), target, trio.from_thread.check_cancelled)
                 return _info(url, os.stat(target))
             except OSError as exc:
                 raise StorageError(f"cannot write {url}: {exc}") from exc

@@ -9,6 +9,8 @@ boto3 is blocking, so every call runs in a worker thread. Transfers go through b
 retries of 5xx/throttling/connection errors are botocore's "standard" mode. Cancelling a transfer cancels the
 transfer manager's future and waits for the parts in flight, so no thread keeps writing after we return.
 
+A full local disk while downloading is ``DiskFull`` (retried), never a storage error.
+
 Secrets: error messages name the URL and at most the first eight characters of the access key id, never the
 secret; clients are cached under the frozen ``Credentials`` object, whose ``repr`` hides the secret.
 """
@@ -35,7 +37,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.subscribers import BaseSubscriber
 
-from studio_runner.errors import ObjectNotFound, StorageError
+from studio_runner.errors import DiskFull, ObjectNotFound, StorageError, is_disk_full
 from studio_runner.storage import redact_url
 from studio_runner.storage.base import Credentials, ObjectInfo
 
@@ -333,6 +335,10 @@ class S3Store:
                 ),
             )
             os.replace(tmp, dest)
+        except OSError as exc:  # writing the local file: a full disk is ours to report, not the store's
+            if is_disk_full(exc):
+                raise DiskFull(f"no space left while downloading {redact_url(url)} to {dest}: {exc}") from exc
+            raise StorageError(f"cannot save {redact_url(url)} to {dest}: {exc}") from exc
         finally:
             tmp.unlink(missing_ok=True)
         log.debug("downloaded %s (%d bytes) to %s", loc.url, info.size, dest)

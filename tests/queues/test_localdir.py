@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -13,22 +15,22 @@ from pathlib import Path
 import pytest
 import trio
 
-from studio_runner.queues.localdir import LocalDirQueue
+from studio_runner.errors import ConfigError, RequestInvalid
+from studio_runner.queues import localdir
+from studio_runner.queues.localdir import LOST_MOVED, LocalDirQueue
+from studio_runner.request import parse_request
 
 REPO = Path(__file__).resolve().parents[2]
-CLIENT_PYTHON = Path(os.environ.get("STUDIOML_CLIENT_PYTHON", "/tmp/studioml-venv/bin/python"))
-needs_client = pytest.mark.skipif(
-    not CLIENT_PYTHON.exists(),
-    reason=f"StudioML 0.0.49 client interpreter not found at {CLIENT_PYTHON} (set STUDIOML_CLIENT_PYTHON)")
 
 MESSAGE = {"experiment": {"key": "1631664000_abc", "resources_needed": {"cpus": 1}}, "config": {}}
 
 
-def client(root: Path, code: str) -> str:
-    """Run ``code`` in the real client with ``q = LocalQueue('local_t', path=root)``; return its stdout."""
+def client(studioml_bin: Path, root: Path, code: str) -> str:
+    """Run ``code`` in the real client (the suite's studioml 0.0.49 venv, fixture ``studioml_bin``) with
+    ``q = LocalQueue('local_t', path=root)``; return its stdout."""
     prog = "from studio.queues.local_queue import LocalQueue\n"
     prog += f"q = LocalQueue('local_t', path={str(root)!r})\n"
-    done = subprocess.run([str(CLIENT_PYTHON), "-c", prog + code],
+    done = subprocess.run([str(studioml_bin / "python"), "-c", prog + code],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -58,9 +60,8 @@ def waiting(root: Path, queue: str = "local_t") -> list[str]:
     return sorted(n for n in os.listdir(root / queue) if n != "lock.lock")
 
 
-@needs_client
-def test_a_message_written_by_the_real_client_is_received(tmp_path: Path) -> None:
-    client(tmp_path, f"q.enqueue({json.dumps(json.dumps(MESSAGE))})")
+def test_a_message_written_by_the_real_client_is_received(tmp_path: Path, studioml_bin: Path) -> None:
+    client(studioml_bin, tmp_path, f"q.enqueue({json.dumps(json.dumps(MESSAGE))})")
     [name] = waiting(tmp_path)
     q = LocalDirQueue(tmp_path, "runner-a")  # default settle time: wait until the file is old enough
 
@@ -76,12 +77,12 @@ def test_a_message_written_by_the_real_client_is_received(tmp_path: Path) -> Non
     assert waiting(tmp_path) == []
 
 
-@needs_client
-def test_the_client_reads_our_enqueue_and_never_sees_our_bookkeeping(tmp_path: Path) -> None:
+def test_the_client_reads_our_enqueue_and_never_sees_our_bookkeeping(tmp_path: Path,
+                                                                      studioml_bin: Path) -> None:
     q = LocalDirQueue(tmp_path, "runner-a", settle_after=0.0)
     body = json.dumps(MESSAGE).encode()
     first = trio.run(q.enqueue, "local_t", body)
-    assert client(tmp_path, "print(q.dequeue(acknowledge=True)[0])").strip() == body.decode()
+    assert client(studioml_bin, tmp_path, "print(q.dequeue(acknowledge=True)[0])").strip() == body.decode()
     for age in (30, 20):
         put(tmp_path, f"m{age}", json.dumps(MESSAGE), age)
 
@@ -95,9 +96,10 @@ def test_the_client_reads_our_enqueue_and_never_sees_our_bookkeeping(tmp_path: P
     held = trio.run(bookkeeping)
     assert first not in waiting(tmp_path) and waiting(tmp_path) == []
     assert sorted(os.listdir(tmp_path)) == [".attempts", ".inflight", ".set-aside", ".tmp", "local_t"]
-    assert client(tmp_path, "print(q.has_next(), q._get_queue_status())").strip() == "False (True, [])"
+    status = client(studioml_bin, tmp_path, "print(q.has_next(), q._get_queue_status())")
+    assert status.strip() == "False (True, [])"
     trio.run(held.nack)
-    assert client(tmp_path, "print(q.has_next())").strip() == "True"
+    assert client(studioml_bin, tmp_path, "print(q.has_next())").strip() == "True"
 
 
 def test_oldest_mtime_first_whatever_the_names(tmp_path: Path) -> None:
@@ -352,5 +354,248 @@ def test_a_vanished_in_flight_file_marks_the_delivery_lost(tmp_path: Path) -> No
     assert trio.run(q.exists, "local_t") and not d.lost.is_set()
     os.unlink(d.path)
     assert trio.run(q.exists, "local_t")
-    assert d.lost.is_set()
+    assert d.lost.is_set() and d.lost_reason == LOST_MOVED
     trio.run(d.ack)  # nothing left to delete; must not fail
+
+
+def test_start_creates_the_root_and_refuses_one_that_is_not_a_directory(tmp_path: Path) -> None:
+    q = LocalDirQueue(tmp_path / "a" / "queue", "runner-a")
+    trio.run(q.start)
+    trio.run(q.start)  # idempotent
+    assert (tmp_path / "a" / "queue").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        trio.run(LocalDirQueue(tmp_path / "file", "runner-a").start)
+    assert q.deadline_warning(10 * 24 * 3600) is None
+
+
+def test_release_keeps_name_mtime_place_and_attempt_count(tmp_path: Path) -> None:
+    put(tmp_path, "older", '{"n": 1}', age=20)
+    put(tmp_path, "newer", '{"n": 2}', age=10)
+    mtime = (tmp_path / "local_t" / "older").stat().st_mtime_ns
+    attempts = tmp_path / ".attempts" / "local_t" / "older"
+    q = LocalDirQueue(tmp_path, "runner-a")
+    trio.run(receive(q).nack)
+    d = receive(q)
+    assert (d.message_id, d.attempt) == ("older", 2)
+    trio.run(d.release)
+    assert waiting(tmp_path) == ["newer", "older"]
+    assert (tmp_path / "local_t" / "older").stat().st_mtime_ns == mtime
+    assert attempts.read_text().strip() == "1"  # unchanged: the release was not an attempt
+    d = receive(q)
+    assert (d.message_id, d.attempt) == ("older", 2)
+
+
+def test_a_lost_lease_lets_go_of_the_file_so_whoever_has_it_can_claim_it(tmp_path: Path) -> None:
+    put(tmp_path, "m", json.dumps(MESSAGE), age=20)
+    a = LocalDirQueue(tmp_path, "runner-a")
+    d = receive(a)
+    os.rename(d.path, tmp_path / "local_t" / "m")  # someone puts the in-flight file back by hand
+    b = LocalDirQueue(tmp_path, "runner-b")
+    assert trio.run(a.exists, "local_t")  # a's probe notices the loss
+    assert d.lost.is_set() and d.lost_reason == LOST_MOVED
+    d2 = receive(b)  # a's lock is gone with its lease
+    assert d2 is not None and d2.message_id == "m"
+    trio.run(d.ack)  # a no-op: it must not delete b's claim
+    trio.run(d.set_aside, "late")
+    assert os.path.exists(d2.path) and not (tmp_path / ".set-aside").exists()
+
+
+def test_a_settle_that_finds_its_file_gone_marks_the_delivery_lost(tmp_path: Path) -> None:
+    put(tmp_path, "m", "{}", age=20)
+    q = LocalDirQueue(tmp_path, "runner-a")
+    d = receive(q)
+    os.unlink(d.path)  # no probe in between: the nack itself finds out
+    trio.run(d.nack)
+    assert d.lost.is_set() and d.lost_reason == LOST_MOVED
+    assert waiting(tmp_path) == [] and not (tmp_path / ".attempts" / "local_t" / "m").exists()
+
+
+def test_a_late_nack_after_the_queue_was_deleted_sets_the_message_aside(tmp_path: Path) -> None:
+    put(tmp_path, "m", '{"n": 1}', age=20)
+    q = LocalDirQueue(tmp_path, "runner-a")
+    d = receive(q)
+    shutil.rmtree(tmp_path / "local_t")
+    trio.run(d.nack)
+    assert not (tmp_path / "local_t").exists()  # the runner never recreates a client's queue
+    assert (tmp_path / ".set-aside" / "local_t" / "m").read_text() == '{"n": 1}'
+    assert (tmp_path / ".set-aside" / "local_t" / "m.reason.txt").read_text().startswith("queue deleted")
+
+
+# --- files that are not (yet) messages never stall the queue (issue item 10) ------------------------------
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+"""200 KB of nesting: complete, but past the JSON scanner's recursion limit."""
+
+
+class ReadCounter:
+    """Bytes read from one file (by inode). The local queue reads message files only with ``os.pread``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+        self.ino = path.stat().st_ino
+        self.bytes = 0
+        real = os.pread
+
+        def counting(fd: int, n: int, offset: int) -> bytes:
+            data = real(fd, n, offset)
+            if os.fstat(fd).st_ino == self.ino:
+                self.bytes += len(data)
+            return data
+
+        monkeypatch.setattr(os, "pread", counting)
+
+
+def test_deeply_nested_json_is_delivered_at_once_to_be_set_aside(tmp_path: Path) -> None:
+    put(tmp_path, "deep", DEEP, age=2)
+    put(tmp_path, "good", json.dumps(MESSAGE), age=1)
+    q = LocalDirQueue(tmp_path, "runner-a")  # malformed_after: 30 s, which the deep file must not wait
+    started = time.monotonic()
+    d = receive(q)
+    assert d is not None and (d.message_id, d.body) == ("deep", DEEP)
+    with pytest.raises(RequestInvalid, match="nested too deeply"):
+        parse_request(d.body)
+    trio.run(d.set_aside, "invalid: nested too deeply")
+    assert receive(q).message_id == "good"
+    assert time.monotonic() - started < 5
+
+
+def test_valid_message_behind_broken_files_comes_in_the_same_call_and_each_is_reported_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    qdir = tmp_path / "local_t"
+    put(tmp_path, "a-unfinished", '{"experiment": {"key": ', age=9)
+    eio = put(tmp_path, "b-eio", json.dumps(MESSAGE), age=8)
+    racy = put(tmp_path, "c-racy", json.dumps(MESSAGE), age=7)
+    denied = put(tmp_path, "d-denied", json.dumps(MESSAGE), age=6)
+    put(tmp_path, "e-good", json.dumps(MESSAGE), age=5)
+
+    real_read = localdir._read_fd
+    eio_ino = eio.stat().st_ino
+
+    def failing_read(fd: int) -> bytes:  # a disk error under one file
+        if os.fstat(fd).st_ino == eio_ino:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(fd)
+
+    monkeypatch.setattr(localdir, "_read_fd", failing_read)
+    real_scandir = os.scandir
+
+    def racy_scandir(path):  # c-racy is replaced by a directory between the listing and the claim
+        if Path(path) != qdir:
+            return real_scandir(path)
+        entries = list(real_scandir(path))
+        if racy.is_file():
+            racy.unlink()
+            racy.mkdir()
+        return iter(entries)
+
+    monkeypatch.setattr(os, "scandir", racy_scandir)
+    if os.geteuid() != 0:
+        denied.chmod(0)
+    else:  # root reads anything: play the kernel's answer for an unreadable file
+        real_open = os.open
+
+        def denying_open(path, flags, *args, **kwargs):
+            if os.fspath(path) == str(denied):
+                raise PermissionError(errno.EACCES, "Permission denied", str(denied))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", denying_open)
+
+    q = LocalDirQueue(tmp_path, "runner-a")
+    with caplog.at_level(logging.DEBUG, logger="studio_runner.queues.localdir"):
+        d = receive(q)
+        assert d is not None and d.message_id == "e-good"
+        trio.run(d.ack)
+        for _ in range(10):
+            assert receive(q) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert any("b-eio" in m and "Input/output error" in m for m in warnings)
+    assert any("d-denied" in m and "Permission denied" in m for m in warnings)
+    assert sorted(waiting(tmp_path)) == ["a-unfinished", "b-eio", "c-racy", "d-denied"]
+
+
+def test_a_failing_recovery_does_not_block_the_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    orphan = tmp_path / ".inflight" / "local_t" / "dead~runner-x.1"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_text("{}")  # a dead runner's message, unlocked
+    put(tmp_path, "good", json.dumps(MESSAGE), age=1)
+
+    def disk_full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LocalDirQueue, "_write_attempts", disk_full)
+    q = LocalDirQueue(tmp_path, "runner-a")
+    with caplog.at_level(logging.WARNING, logger="studio_runner.queues.localdir"):
+        assert receive(q).message_id == "good"
+        assert receive(q) is None
+    assert len([r for r in caplog.records if "dead~runner-x.1" in r.getMessage()]) == 1
+    assert orphan.exists()  # still in flight: recovered once the disk has room
+    monkeypatch.undo()
+    d = receive(q)
+    assert (d.message_id, d.attempt) == ("dead", 2)
+
+
+def test_a_truncated_big_file_is_read_once_and_again_only_when_it_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # cut off right after a "}" inside a string, so only a full parse can tell that it is unfinished
+    head = b'{"experiment": {"key": "k"}, "pad": "'
+    big = put(tmp_path, "big", head + b"x" * 50_000_000 + b"}", age=5)
+    put(tmp_path, "good", json.dumps(MESSAGE), age=1)
+    reads = ReadCounter(monkeypatch, big)
+    q = LocalDirQueue(tmp_path, "runner-a")
+    d = receive(q)
+    assert d.message_id == "good"  # served behind it, in the same call
+    assert reads.bytes >= 50_000_000
+    trio.run(d.ack)
+    reads.bytes = 0
+    for _ in range(5):
+        assert receive(q) is None
+    assert reads.bytes == 0  # unchanged since it was found unfinished: not even opened
+    with open(big, "ab") as f:
+        f.write(b'"}')  # its writer finishes it
+    d = receive(q)
+    assert d.message_id == "big" and json.loads(d.body)["pad"].endswith("x}")
+
+
+def test_a_huge_file_cut_mid_token_is_never_read_whole(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    big = put(tmp_path, "big", b'{"pad": "' + b"x" * 50_000_000, age=5)
+    reads = ReadCounter(monkeypatch, big)
+    q = LocalDirQueue(tmp_path, "runner-a")
+    assert receive(q) is None
+    assert 0 < reads.bytes <= 4096  # its tail alone shows it cannot be complete JSON
+    assert receive(q) is None
+    assert reads.bytes <= 4096
+
+
+def test_an_unfinished_file_is_delivered_once_unchanged_for_malformed_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = put(tmp_path, "junk", '{"experiment": {"key": "k", "pad": [1, 2]', age=0)
+    reads = ReadCounter(monkeypatch, path)
+    q = LocalDirQueue(tmp_path, "runner-a", malformed_after=1.0)
+    assert receive(q) is None
+    first = reads.bytes
+    assert first >= path.stat().st_size  # read whole once, to find it unfinished
+    assert receive(q) is None and reads.bytes == first  # not again while unchanged
+    time.sleep(1.1)
+    d = receive(q)  # unchanged for malformed_after: taken, to be set aside by the parser
+    assert d is not None and d.message_id == "junk"
+    with pytest.raises(RequestInvalid):
+        parse_request(d.body)
+
+
+def test_what_is_remembered_about_unfinished_files_is_bounded(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(localdir, "_MEMO_MAX", 3)
+    for i in range(5):
+        put(tmp_path, f"u{i}", '{"n": ', age=10 - i)
+    q = LocalDirQueue(tmp_path, "runner-a")
+    assert receive(q) is None
+    assert len(q._unfinished) == 3
+    for i in range(5):
+        (tmp_path / "local_t" / f"u{i}").unlink()
+    put(tmp_path, "good", "{}", age=1)
+    assert receive(q).message_id == "good"
+    assert len(q._unfinished) == 0  # files that left the queue are forgotten

@@ -30,7 +30,7 @@ from support.rabbitmq import (  # noqa: F401
     wait_ready_count,
 )
 
-from studio_runner.queues.base import Delivery, QueueBackend
+from studio_runner.queues.base import QueueBackend
 from studio_runner.queues.rabbitmq import RabbitMQDelivery, RabbitMQQueue
 from studio_runner.queues.rmq_link import ATTEMPT_HEADER, QUEUE_HEADER, REASON_HEADER, attempt_of
 from studio_runner.queues.rmq_mgmt import (
@@ -160,28 +160,6 @@ def test_serves_a_message_sent_by_the_real_studioml_client(rabbitmq_url: str, un
 
 
 @pytest.mark.rabbitmq
-def test_receive_then_ack_removes_the_message(rabbitmq_url: str, unique_queue: str) -> None:
-    publish_like_studioml(rabbitmq_url, unique_queue, BODY)
-
-    async def main() -> None:
-        async with RabbitMQQueue(rabbitmq_url) as backend:
-            delivery = await backend.receive(unique_queue)
-            assert delivery is not None and isinstance(delivery, Delivery)
-            assert (delivery.queue, delivery.body, delivery.attempt) == (unique_queue, BODY, 1)
-            assert await backend.receive(unique_queue) is None  # the only message is claimed
-            assert ready_count(rabbitmq_url, unique_queue) == 0
-            assert not delivery.lost.is_set()
-            await delivery.ack()
-        # after aclose: an unacked message would be back now
-        assert wait_ready_count(rabbitmq_url, unique_queue, 1, timeout=2) == 0
-        async with RabbitMQQueue(rabbitmq_url) as backend:
-            assert await backend.receive(unique_queue) is None
-            assert await backend.receive(f"rmq_missing_{uuid.uuid4().hex}") is None
-
-    trio.run(main)
-
-
-@pytest.mark.rabbitmq
 def test_nack_hands_back_with_counted_attempts(rabbitmq_url: str, unique_queue: str) -> None:
     publish_like_studioml(rabbitmq_url, unique_queue, BODY)
 
@@ -197,6 +175,26 @@ def test_nack_hands_back_with_counted_attempts(rabbitmq_url: str, unique_queue: 
     method, props, body = get_one(rabbitmq_url, unique_queue)
     assert body == BODY
     assert props.headers[ATTEMPT_HEADER] == 4
+    assert (props.app_id, props.content_type) == ("studioml", "application/json")
+    assert method.routing_key == f"StudioML.{unique_queue}" and method.exchange == "StudioML.topic"
+
+
+@pytest.mark.rabbitmq
+def test_release_republishes_with_the_same_attempt_and_properties(rabbitmq_url: str,
+                                                                  unique_queue: str) -> None:
+    publish_like_studioml(rabbitmq_url, unique_queue, BODY, headers={ATTEMPT_HEADER: 2})
+
+    async def main() -> None:
+        async with RabbitMQQueue(rabbitmq_url) as backend:
+            delivery = await backend.receive(unique_queue)
+            assert delivery is not None and delivery.attempt == 2
+            await delivery.release()
+            assert wait_ready_count(rabbitmq_url, unique_queue, 1) == 1
+
+    trio.run(main)
+    method, props, body = get_one(rabbitmq_url, unique_queue)
+    assert body == BODY and not method.redelivered  # a broker requeue would count as a crash
+    assert props.headers[ATTEMPT_HEADER] == 2
     assert (props.app_id, props.content_type) == ("studioml", "application/json")
     assert method.routing_key == f"StudioML.{unique_queue}" and method.exchange == "StudioML.topic"
 
@@ -348,29 +346,31 @@ def test_cancelled_receive_gives_the_message_back(rabbitmq_url: str, unique_queu
             delivery = await backend.receive(unique_queue)
             assert delivery is not None
             await delivery.nack()
-            for delay in (0.0, 0.0, 0.002, 0.005, 0.05):
+            attempt, cancelled = 2, 0
+            for delay in (0.0, 0.0, 0.002, 0.005, 0.05, 0.0):
                 with trio.move_on_after(delay) as scope:
                     delivery = await backend.receive(unique_queue)
-                if not scope.cancelled_caught:
-                    assert delivery is not None
+                if scope.cancelled_caught:
+                    cancelled += 1
+                else:
+                    assert delivery is not None and delivery.attempt == attempt
                     await delivery.nack()
+                    attempt += 1
                 assert await trio.to_thread.run_sync(wait_ready_count, rabbitmq_url, unique_queue, 1) == 1
+            assert cancelled
             delivery = await receive_soon(backend, unique_queue)
-            assert delivery.attempt >= 3 and delivery.body == BODY
+            # a receive cancelled with the message in hand gives it back uncounted (it never ran)
+            assert (delivery.attempt, delivery.body) == (attempt, BODY)
             await delivery.ack()
 
     trio.run(main)
 
 
 @pytest.mark.rabbitmq
-def test_exists_and_management_failures(rabbitmq_url: str, unique_queue: str) -> None:
+def test_management_failures_are_not_deletions(rabbitmq_url: str, unique_queue: str) -> None:
     publish_like_studioml(rabbitmq_url, unique_queue, BODY)
 
     async def main() -> None:
-        async with RabbitMQQueue(rabbitmq_url) as backend:
-            assert await backend.exists(unique_queue)
-            delete_queue(rabbitmq_url, unique_queue)
-            assert not await backend.exists(unique_queue)
         async with RabbitMQQueue(rabbitmq_url, mgmt_url="http://127.0.0.1:1") as broken:
             assert await broken.exists(unique_queue)  # an error is not a deletion
             with pytest.raises(MgmtError):  # the supervisor keeps its last queue list

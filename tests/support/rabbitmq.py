@@ -28,6 +28,7 @@ import httpx
 import pika
 import pika.exceptions as pex
 import pytest
+from support.studioml_client import ensure_client_venv
 
 AMQP_URL = os.environ.get("STUDIO_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 MGMT_URL = os.environ.get("STUDIO_TEST_RMQ_MGMT_URL", "http://127.0.0.1:15672")
@@ -115,7 +116,6 @@ def publish_like_studioml(amqp_url: str, queue: str, body: bytes | str | dict[st
         ch.basic_publish(EXCHANGE, f"StudioML.{queue}", body, props, mandatory=True)
 
 
-STUDIOML_CLIENT_PYTHON = os.environ.get("STUDIOML_CLIENT_PYTHON", "/tmp/studioml-venv/bin/python")
 _CLIENT_ENQUEUE = """
 import sys
 from studio.queues.rabbit_queue import RMQueue
@@ -127,10 +127,9 @@ client.shutdown(delete_queue=False)
 
 
 def publish_with_studioml_client(amqp_url: str, queue: str, body: str) -> None:
-    """Enqueue ``body`` with the real studioml 0.0.49 client code (skips when that client is missing)."""
-    if not os.path.exists(STUDIOML_CLIENT_PYTHON):
-        pytest.skip(f"no StudioML client at {STUDIOML_CLIENT_PYTHON} (set STUDIOML_CLIENT_PYTHON)")
-    done = subprocess.run([STUDIOML_CLIENT_PYTHON, "-c", _CLIENT_ENQUEUE, amqp_url, queue], input=body,
+    """Enqueue ``body`` with the real studioml 0.0.49 client (the suite's client venv, built on demand)."""
+    python = ensure_client_venv() / "python"
+    done = subprocess.run([str(python), "-c", _CLIENT_ENQUEUE, amqp_url, queue], input=body,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 

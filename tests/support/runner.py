@@ -36,16 +36,16 @@ class Sandbox:
         return self.base / "work"
 
     def runner_env(self, **overrides: str) -> dict[str, str]:
-        """Options as environment variables, the way a container would set them."""
+        """Options as environment variables (``STUDIO_RUNNER_<NAME>``), the way a container would set them."""
         env = dict(os.environ)
         env.update(
-            QUEUE_ROOT=str(self.queue_root),
-            WORKING_DIR=str(self.work),
-            ENV_CACHE_DIR=str(cache_root() / "envs"),
-            GRACE_PERIOD="2s",
-            POLL_INTERVAL="0.05s",
-            ABORT_CHECK_INTERVAL="1s",
-            LOG_LEVEL="debug",
+            STUDIO_RUNNER_QUEUE_ROOT=str(self.queue_root),
+            STUDIO_RUNNER_WORKING_DIR=str(self.work),
+            STUDIO_RUNNER_ENV_CACHE_DIR=str(cache_root() / "envs"),
+            STUDIO_RUNNER_GRACE_PERIOD="2s",
+            STUDIO_RUNNER_POLL_INTERVAL="0.05s",
+            STUDIO_RUNNER_ABORT_CHECK_INTERVAL="1s",
+            STUDIO_RUNNER_LOG_LEVEL="debug",
             PYTHONPATH=str(REPO),
         )
         env.update(overrides)

@@ -1,0 +1,162 @@
+"""The runner's logging set-up: one log line per record, whatever a request puts in it, and no secrets.
+
+Why: log messages carry request-supplied text (experiment keys, queue names, error text). A key holding a
+newline and a fake time stamp wrote a forged ``ERROR`` line into the log, and an ANSI escape sequence can
+rewrite an operator's terminal. So the formatter escapes every control character in the formatted message
+(``record.getMessage()``, %-arguments included) and in the logger name (experiment loggers are named after
+their key). It also masks the runner's own secrets (:func:`studio_runner.redact.runner_secrets`) and the
+redact pattern rules (``amqp://u:****@h``, ``AWS_SECRET_ACCESS_KEY=****``) in everything it writes.
+Tracebacks (``exc_info``, ``stack_info``) are the runner's own text and stay multi-line, masked, with other
+control characters escaped; the message of an exception in one is escaped whole, since it may quote a request.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import sys
+import traceback
+from collections.abc import Iterable
+from types import TracebackType
+from typing import TextIO
+
+from studio_runner.redact import Redactor
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+_NOISY = ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpcore")
+"""Libraries that log every request below WARNING: never heard below WARNING."""
+
+# C0, DEL, C1, the Unicode line and paragraph separators, and lone surrogates (left by surrogateescape
+# decoding of file names; they cannot even be encoded to write the log line).
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """Text safe for one log line, a file name or a metadata key: control characters (C0, DEL, C1, and
+    the Unicode line/paragraph separators U+2028/U+2029) escaped as \\n, \\r, \\t, \\x1b, \\u2028 ...;
+    optionally cut.
+
+    Lone surrogates are escaped too (``\\udc80``). Backslashes are left alone, so the result is for reading,
+    not for decoding back. With ``limit``, a longer result is cut, never inside an escape, to at most
+    ``limit`` characters ending with ``...``.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must not be negative, got {limit}")
+    out = _CONTROL_RE.sub(_escape, text) if _CONTROL_RE.search(text) else text
+    if limit is None or len(out) <= limit:
+        return out
+    marker = "..." if limit >= 3 else ""
+    room = limit - len(marker)
+    head = text[:room]  # every character becomes at least one: no more of the text can fit
+    pieces: list[str] = []
+    size = last = 0
+    for match in _CONTROL_RE.finditer(head):
+        plain = head[last : match.start()]
+        escaped = _escape(match)
+        if size + len(plain) + len(escaped) > room:
+            break
+        pieces += [plain, escaped]
+        size += len(plain) + len(escaped)
+        last = match.end()
+    else:
+        match = None
+    plain = head[last : match.start()] if match is not None else head[last:]
+    pieces.append(plain[: room - size])
+    return "".join(pieces) + marker
+
+
+def _escape_exception_messages(text: str, exc: BaseException | None) -> str:
+    """``text`` (a formatted traceback) with the multi-line message of each exception in the chain escaped
+    onto one line: a message may quote request text, and must not start a line of its own."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        body = "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n")
+        if "\n" in body:
+            text = text.replace(body, printable(body))
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return text
+
+
+class SafeFormatter(logging.Formatter):
+    """The runner's format, with each record's message and logger name on one line and secrets masked."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__(FORMAT)
+        self._redactor = Redactor(secrets)
+
+    def format(self, record: logging.LogRecord) -> str:
+        safe = copy.copy(record)  # other handlers see the record unchanged
+        safe.msg = printable(self._redactor.mask(record.getMessage()))
+        safe.args = None
+        safe.name = printable(record.name)
+        if record.exc_info:
+            safe.exc_text = None  # format again: a cached text may come from another handler, unmasked
+        elif record.exc_text:
+            safe.exc_text = self._multiline(record.exc_text)
+        return super().format(safe)
+
+    def formatException(
+        self,
+        ei: tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None],
+    ) -> str:
+        return self._multiline(_escape_exception_messages(super().formatException(ei), ei[1]))
+
+    def formatStack(self, stack_info: str) -> str:
+        return self._multiline(super().formatStack(stack_info))
+
+    def _multiline(self, text: str) -> str:
+        return "\n".join(printable(line) for line in self._redactor.mask(text).split("\n"))
+
+
+class _RunnerHandler(logging.StreamHandler):
+    """The runner's handler on the root logger (found again by its type, so set-up is idempotent). It
+    writes to whatever ``sys.stderr`` is at the time: tests capture it by replacing it."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
+def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:
+    """Log ``level`` and above to stderr in the runner's format, masking ``secrets`` (the runner's own, e.g.
+    ``runner_secrets(os.environ)``) and the pattern rules, one line per record.
+
+    Calling it again replaces the level and the secrets; it never adds a second handler. Chatty libraries
+    (botocore, boto3, s3transfer, urllib3, httpx, httpcore) log at WARNING or above, even with DEBUG (as
+    ``runtime.configure_logging`` did); pika, which logs every failed reconnect with a traceback, is
+    silenced (CRITICAL) unless DEBUG, because the RabbitMQ backend reports those events itself, once and in
+    plain words.
+    """
+    number = logging.getLevelName(level.upper())
+    if not isinstance(number, int):
+        raise ValueError(f"unknown log level {level!r}")
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, _RunnerHandler)), None)
+    if handler is None:
+        handler = _RunnerHandler()
+        root.addHandler(handler)
+    handler.setFormatter(SafeFormatter(secrets))
+    root.setLevel(number)
+    for noisy in _NOISY:
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, number))
+    logging.getLogger("pika").setLevel(logging.DEBUG if number == logging.DEBUG else logging.CRITICAL)
