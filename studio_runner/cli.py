@@ -10,13 +10,15 @@ from pathlib import Path
 
 from studio_runner import __version__, config
 from studio_runner.errors import ConfigError
+from studio_runner.redact import runner_secrets
 
 DESCRIPTION = """\
 studio-runner takes StudioML experiments from queues (a local directory by default, or RabbitMQ), runs each
 in a cached Python environment with its artifacts in place, and uploads its results.
 
-Every runner option is also an environment variable (--cache-dir -> CACHE_DIR) and a key of the TOML file
-given with --config. Precedence: flag > environment > file > default.
+Every runner option is also an environment variable (--cache-dir -> STUDIO_RUNNER_CACHE_DIR; the Go runner's
+own names such as CACHE_DIR or AMQP_URL are read too) and a key of the TOML file given with --config.
+Precedence: flag > environment > file > default.
 """
 
 EPILOG = """\
@@ -105,14 +107,15 @@ def _run(args: argparse.Namespace) -> int:
     import trio
 
     from studio_runner import runtime
+    from studio_runner.attempt import Status
 
     settings = config.resolve(args)
-    runtime.configure_logging(settings.log_level)
+    runtime.configure_logging(settings.log_level, runner_secrets(os.environ))
 
     async def serve() -> int:
         async with runtime.open_runner(settings) as supervisor:
             outcomes = await supervisor.run(once=args.once, handle_signals=True)
-        return 0 if all(o.status == "success" for o in outcomes) or not args.once else 1
+        return 0 if all(o.status is Status.SUCCESS for o in outcomes) or not args.once else 1
 
     return trio.run(serve)
 

@@ -107,6 +107,21 @@ def _path_list(text: str) -> list[Path]:
     return [_path(part) for part in text.split(os.pathsep) if part.strip()]
 
 
+def _names(text: str) -> list[str]:
+    names = [part for part in re.split(r"[,:\s]+", text) if part]
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"{name!r} is not an environment variable name")
+    return names
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise ValueError(f"expected at least 1, got {text!r}")
+    return value
+
+
 def sanitise_hostname(text: str) -> str:
     """``text`` made safe as part of a file or directory name: ASCII letters, digits, ``.``, ``_`` and ``-``
     kept, anything else (``/`` above all) turned into ``_``, no leading dot, at most HOSTNAME_MAX characters.
@@ -239,9 +254,27 @@ OPTIONS: tuple[Option, ...] = (
            go_env="S3_CERT"),
     Option("s3-key", _optional_path, "", "Client key for S3 endpoints (with --s3-cert).", "path",
            go_env="S3_KEY", generic=True, effect="is used as the client key for S3 endpoints"),
+    Option("pass-env", _names, "",
+           "Names of the runner's environment variables that experiments also get, on top of the base set "
+           "(PATH, HOME, USER, LOGNAME, LANG, LANGUAGE, LC_ALL, LC_CTYPE, TZ, TERM, LD_LIBRARY_PATH and the "
+           "proxy variables); separated by commas. Nothing else of the runner's environment reaches them.",
+           doc_default=""),
+    Option("disk-reserve", units.parse_size, "1GiB",
+           "Free space always kept on the working directory's filesystem: a request is taken only when its hdd "
+           "(plus what running experiments reserved) fits on top of this.", "size"),
     # -- lifecycle policies
+    Option("max-running", _positive_int, "1", "How many experiments this runner runs at once.", "int"),
     Option("max-attempts", _int, "3",
            "Attempts per message for runner-side failures before it is set aside.", "int"),
+    Option("retry-delay", units.parse_duration, "10s",
+           "After a runner-side failure the message is held this long before it goes back to its queue; the "
+           "delay doubles with each attempt, up to retry-delay-max, and is randomised to 50-100% of that.",
+           "duration", minimum=0.1),
+    Option("retry-delay-max", units.parse_duration, "10m", "Cap of the delay between attempts of one message.",
+           "duration", minimum=0.1),
+    Option("upload-retry-window", units.parse_duration, "30m",
+           "How long the final upload of a finished experiment is retried (with back-off) while storage is "
+           "unreachable, before its message is handed back. New work is not taken meanwhile.", "duration"),
     Option("max-lifetime", units.parse_duration, "96h", "Hard cap on any experiment's run time.", "duration"),
     Option("grace-period", units.parse_duration, "10s",
            "Time between SIGTERM and SIGKILL when an experiment is stopped.", "duration"),

@@ -8,6 +8,7 @@ demo starts its experiments without installing anything.
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from pathlib import Path
 import trio
 
 from studio_runner import config, runtime
-from studio_runner.executor import Outcome
+from studio_runner.attempt import Outcome
+from studio_runner.redact import runner_secrets
 from studio_runner.storage.local import url_to_path
 from studio_runner.submit import Submission, submit
 
@@ -50,7 +52,7 @@ def run_demo(flags: dict, demo_dir: Path | None = None) -> int:
     if flags.get("grace_period") is None:  # the timeout example need not wait the default 10 s
         flags["grace_period"] = "2s"
     settings = config.resolve(flags)
-    runtime.configure_logging(settings.log_level)
+    runtime.configure_logging(settings.log_level, runner_secrets(os.environ))
 
     print(f"demo directory: {base}")
     submitted: dict[str, Example] = {}

@@ -36,7 +36,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
 from studio_runner import artifacts, launch, metadata, process
 from studio_runner.attempt import Abort, Action, Outcome, Phase, Status, StopCause
 from studio_runner.envs import EnvCache
-from studio_runner.errors import Disposition, DiskFull, RequestExpired, RunnerError, is_disk_full
+from studio_runner.errors import DiskFull, Disposition, RequestExpired, RunnerError, is_disk_full
 from studio_runner.events import AttemptRecord, Registry, bind_attempt
 from studio_runner.outputlog import OutputLog
 from studio_runner.policies import Backoff, Checkpoints, Deadline, Lifetime
@@ -85,8 +85,11 @@ class Executor:
         return self.s.deadline.cap_seconds
 
     async def run(self, request: Request, *, queue: str = "", attempt: int = 1, abort: Abort | None = None,
-                  record: AttemptRecord | None = None) -> Outcome:
-        """Run one attempt of ``request``. Never raises for experiment or runner faults: see Outcome."""
+                  record: AttemptRecord | None = None, last_attempt: bool = False) -> Outcome:
+        """Run one attempt of ``request``. Never raises for experiment or runner faults: see Outcome.
+
+        ``last_attempt``: a runner-side fault now sets the message aside instead of handing it back, so this
+        attempt's log is uploaded even when the experiment never started (the experimenter's only clue)."""
         if self.s.allow_env_secrets:
             request = request.with_env_credentials()
         exp = request.experiment
@@ -112,7 +115,7 @@ class Executor:
             outcome.finished = time.time()
             return outcome
         try:
-            attempt_run = _Attempt(self, request, expdir, outcome, record, abort)
+            attempt_run = _Attempt(self, request, expdir, outcome, record, abort, last_attempt)
         except OSError as exc:  # the output log cannot even be created
             outcome.reason = str(DiskFull(f"cannot start the output log: {exc}") if is_disk_full(exc)
                                  else f"cannot start the output log: {exc}")
@@ -140,8 +143,9 @@ class _Attempt:
     """The state of one attempt while it runs; ``run`` reads as the lifecycle."""
 
     def __init__(self, executor: Executor, request: Request, expdir: Path, outcome: Outcome,
-                 record: AttemptRecord, abort: Abort) -> None:
+                 record: AttemptRecord, abort: Abort, last_attempt: bool) -> None:
         self.s = executor.s
+        self.last_attempt = last_attempt
         self.registry = executor.registry
         self.request = request
         self.expdir = expdir
@@ -233,7 +237,7 @@ class _Attempt:
 
     async def _download(self) -> None:
         exp = self.request.experiment
-        budget = artifacts.DiskBudget(exp.resources.hdd or None)
+        budget = artifacts.DiskBudget.for_request(exp.resources.hdd, self.expdir)
         for label, artifact in sorted(exp.artifacts.items()):
             if label == "output":  # output/output is this attempt's own log, already open (Go truncates it)
                 continue
@@ -272,7 +276,8 @@ class _Attempt:
         self.record.pid = proc.pid
         self.outcome.ran = self.sync.ran = True
         self.registry.phase(self.record, Phase.RUNNING)
-        stop: StopCause | str | None = None
+        cause: StopCause | None = None
+        timed_out = ""
         try:
             async with trio.open_nursery() as nursery:
                 pumped = trio.Event()
@@ -286,13 +291,13 @@ class _Attempt:
                         waiters.cancel_scope.cancel()
                 if proc.returncode is None:  # it did not end on its own: find out who stops it
                     if timer.cancelled_caught:
-                        stop = f"timeout: stopped after {time.time() - started:.1f}s by {limit_name}"
+                        timed_out = f"timeout: stopped after {time.time() - started:.1f}s by {limit_name}"
                     elif output.broken.is_set():
-                        stop = StopCause.DISK_FULL
-                    elif self.abort.cause is not None:
-                        stop = self.abort.cause
-                if stop is not None:
-                    why = stop if isinstance(stop, str) else self._stop_reason(stop)
+                        cause = StopCause.DISK_FULL
+                    else:
+                        cause = self.abort.cause
+                why = timed_out or (self._stop_reason(cause) if cause is not None else "")
+                if why:
                     output.note(f"{why}; sending SIGTERM to the process tree, SIGKILL after "
                                 f"{self.s.grace_period:g}s")
                 await proc.stop(self.s.grace_period)
@@ -301,16 +306,16 @@ class _Attempt:
                 nursery.cancel_scope.cancel()  # the checkpointer; the final upload follows
         finally:
             await proc.stop(self.s.grace_period)  # shielded inside: also runs when we are cancelled
-        self._record_exit(proc, stop, started)
+        self._record_exit(proc, cause, timed_out, started)
 
-    def _record_exit(self, proc: process.ExperimentProcess, stop: StopCause | str | None,
+    def _record_exit(self, proc: process.ExperimentProcess, cause: StopCause | None, timed_out: str,
                      started: float) -> None:
         code = proc.returncode
         self.outcome.exit_code = code
-        if isinstance(stop, str):
-            self.decide(Status.TIMEOUT, Action.ACK, stop)
-        elif stop is not None:
-            self._record_stop(stop, self._stop_reason(stop))
+        if timed_out:
+            self.decide(Status.TIMEOUT, Action.ACK, timed_out)
+        elif cause is not None:
+            self._record_stop(cause, self._stop_reason(cause))
         elif self.output.failure is not None:  # it ended, but its output could not all be saved
             self._record_fault(self.output.failure)
         elif code == 0:
@@ -333,8 +338,8 @@ class _Attempt:
 
     def _stop_reason(self, cause: StopCause) -> str:
         if cause is StopCause.DISK_FULL and self.output.failure is not None:
-            return f"stopped: {self.output.failure}"
-        return f"stopped: {self.abort.reason or cause.value}"
+            return f"{cause.status}: {self.output.failure}"
+        return f"{cause.status}: {self.abort.reason or cause.value}"
 
     def _record_stop(self, cause: StopCause, reason: str) -> None:
         if cause is StopCause.DISK_FULL and self.output.failure is not None:
@@ -360,11 +365,16 @@ class _Attempt:
         outcome, output = self.outcome, self.output
         self.registry.phase(self.record, Phase.UPLOADING)
         output.end_of_stream()
+        if not self.process_started:
+            exp = self.request.experiment
+            for line in metadata.identity_lines(exp.key, exp.project):
+                output.write(line)
         output.write(metadata.note_line("outcome", {
             "status": outcome.status.value, "reason": outcome.reason, "exit_code": outcome.exit_code,
             "attempt": outcome.attempt_id}))
         output.flush()
-        final = outcome.action in (Action.ACK, Action.SET_ASIDE)
+        final = outcome.action in (Action.ACK, Action.SET_ASIDE) or (
+            outcome.action is Action.HAND_BACK and self.last_attempt)
         try:
             await self.sync.save_results(
                 include_output=outcome.ran or final, window=self.s.upload_window,

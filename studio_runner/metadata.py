@@ -38,6 +38,7 @@ __all__ = [
     "attempt_id",
     "base62",
     "deep_merge",
+    "identity_lines",
     "init_lines",
     "note_line",
     "scrape_file_name",
@@ -160,13 +161,19 @@ def start_lines(
     A null project is written as Go's template rendered it, ``<no value>``; artifacts without a qualified
     locator get an empty string.
     """
-    lines = [
-        _studioml(experiment={"key": experiment_key}),
-        _studioml(experiment={"project": "<no value>" if project is None else project}),
-    ]
+    lines = identity_lines(experiment_key, project)
     lines += [_studioml(artifacts={label: artifacts[label] or ""}) for label in sorted(artifacts)]
     lines += [_studioml(start_time=time_stamp(now)), _log_patch("Start", now)]
     return lines
+
+
+def identity_lines(experiment_key: str, project: str | None) -> list[str]:
+    """The experiment's key and project: the head of :func:`start_lines`, and written on their own at the end
+    of an attempt that never started its process, so every scrape document names its experiment."""
+    return [
+        _studioml(experiment={"key": experiment_key}),
+        _studioml(experiment={"project": "<no value>" if project is None else project}),
+    ]
 
 
 def stop_lines(now: Instant = None) -> list[str]:

@@ -56,7 +56,7 @@ class OutputLog:
         self._redactor = redactor
         self._masker = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Raw output bytes of the process."""
         if self._masker is None:
             self._masker = StreamMasker(self._redactor)

@@ -27,14 +27,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
 import trio
-
-MAX_LINE_BYTES = 1 << 20
-"""A line longer than this is cut into pieces, so one missing newline cannot grow memory without bound."""
 
 REAPER_SCRIPT = Path(__file__).with_name("reaper.py")
 REAPER_AVAILABLE = sys.platform.startswith("linux")
@@ -323,35 +320,8 @@ async def _start_plain(argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -
     return ExperimentProcess(proc)
 
 
-async def lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:
-    """Decoded lines (without the newline) as the process writes them; the last partial line at EOF too."""
-    buffer = bytearray()
-    while True:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            break
-        buffer += chunk
-        while True:
-            newline = buffer.find(b"\n")
-            if newline < 0:
-                if len(buffer) >= MAX_LINE_BYTES:
-                    yield buffer[:MAX_LINE_BYTES].decode("utf-8", "replace")
-                    del buffer[:MAX_LINE_BYTES]
-                    continue
-                break
-            yield buffer[:newline].rstrip(b"\r").decode("utf-8", "replace")
-            del buffer[: newline + 1]
-    if buffer:
-        yield buffer.decode("utf-8", "replace")
-
-
 def _tree(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         return []
-
-
-async def stop_tree(process: ExperimentProcess, grace: float) -> None:
-    """Compatibility with the executor's former call: the same as ``process.stop(grace)``."""
-    await process.stop(grace)

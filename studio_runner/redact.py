@@ -452,7 +452,7 @@ class StreamMasker:
         """Characters held now (for tests and monitoring)."""
         return self._size + len(self._ctx)
 
-    def feed(self, data: bytes) -> list[str]:
+    def feed(self, data: bytes | bytearray) -> list[str]:
         """Masked complete lines (without terminators) found so far."""
         out: list[str] = []
         if len(data) <= _SLICE:

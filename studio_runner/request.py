@@ -444,8 +444,9 @@ def _artifacts(experiment: dict[str, Any], parent: Path) -> dict[str, Artifact]:
 
 
 def _artifact(label: str, doc: Any, path: Path) -> Artifact:
-    if label in ("", ".", "..") or any(c in label for c in "/\\\0"):
-        _fail(path, "is not a usable artifact label (it names a directory)")
+    if label in ("", ".", "..") or any(c in label for c in "/\\\0") or not label.isprintable():
+        _fail(path, "is not a usable artifact label (it names a directory and a metadata key: no slashes or "
+                    "control characters)")
     _text(label, path)
     if not isinstance(doc, dict):
         _fail(path, "must be an object", doc)

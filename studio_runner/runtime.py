@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 
@@ -25,7 +25,7 @@ from studio_runner.queues.base import QueueBackend
 from studio_runner.redact import runner_secrets
 from studio_runner.storage import StorageHealth, Stores
 from studio_runner.supervisor import IntakeSettings, Supervisor
-from studio_runner.sweep import claim_root, sweep_dead_roots
+from studio_runner.sweep import claim_root, release_root, sweep_dead_roots
 
 log = logging.getLogger("studio_runner")
 
@@ -74,9 +74,10 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
     for warning in settings.warnings:
         log.warning("%s", warning)
     runner_id = f"{settings.hostname}-{os.getpid()}-{secrets.token_hex(3)}"
+    root = await trio.to_thread.run_sync(partial(claim_root, settings.working_dir, runner_id,
+                                                 keep=settings.debug))
     for removed in await trio.to_thread.run_sync(sweep_dead_roots, settings.working_dir):
         log.info("removed %s, left behind by a runner that is no longer running", removed)
-    root = await trio.to_thread.run_sync(claim_root, settings.working_dir, runner_id)
     env_cache = EnvCache(
         settings.env_cache_dir, settings.env_cache_size,
         uv_cache_dir=settings.uv_cache_dir, allow_downloads=settings.python_downloads,
@@ -106,7 +107,7 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
         poll_interval=settings.poll_interval, rescan_interval=settings.rescan_interval,
         abort_check_interval=settings.abort_check_interval, drain_timeout=settings.drain_timeout,
         retries=Retries(settings.max_attempts, Backoff(settings.retry_delay, settings.retry_delay_max)),
-        admission=DiskAdmission(settings.working_dir, settings.disk_reserve),
+        admission=DiskAdmission(settings.working_dir, settings.disk_reserve), max_running=settings.max_running,
     )
     try:
         for backend in backends:  # connect early so configuration mistakes show at start-up
@@ -119,5 +120,4 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
                 await backend.aclose()
             except Exception as exc:
                 log.warning("closing %s backend: %s", backend.kind, exc)
-        if not settings.debug:
-            shutil.rmtree(root, ignore_errors=True)
+        release_root(root, keep=settings.debug)

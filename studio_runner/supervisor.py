@@ -46,7 +46,7 @@ class AttemptRunner(Protocol):
     """What the supervisor needs of the executor."""
 
     async def run(self, request: Request, *, queue: str = "", attempt: int = 1, abort: Abort | None = None,
-                  record: AttemptRecord | None = None) -> Outcome: ...
+                  record: AttemptRecord | None = None, last_attempt: bool = False) -> Outcome: ...
 
     @property
     def max_seconds(self) -> float:
@@ -295,12 +295,13 @@ class Supervisor:
                                      key=exp.key)
         if self.s.admission is not None:
             held.disk_reserved = self.s.admission.need(request)
-        log.info("experiment %s from %s %s (attempt %d, id %s) starting", exp.key, held.backend.kind,
+        log.info("experiment %s from %s %s (attempt %d) starting, attempt id %s", exp.key, held.backend.kind,
                  delivery.queue, delivery.attempt, held.record.attempt_id)
         self._warn_if_broker_may_requeue(held.backend, request, exp.key)
         watchers.start_soon(self._watch_queue, held)
         return await self.executor.run(request, queue=delivery.queue, attempt=delivery.attempt,
-                                       abort=held.abort, record=held.record)
+                                       abort=held.abort, record=held.record,
+                                       last_attempt=self.s.retries.gives_up(delivery.attempt))
 
     async def _parse(self, held: _Held) -> Request | Outcome:
         body = held.delivery.body

@@ -111,7 +111,7 @@ time.sleep(600)
 
 
 def test_a_double_forked_daemon_does_not_outlive_its_experiment(sandbox: Sandbox, tmp_path: Path) -> None:
-    pidfile = tmp_path / "daemon"
+    pidfile = tmp_path / "daemon.pid"
     script = write_script(tmp_path / "daemon", f"""\
 import os, time
 if os.fork() == 0:
@@ -263,8 +263,8 @@ for n in itertools.count():
     fine = write_script(tmp_path / "fine", "print('the next experiment runs')\n")
     enqueue(sandbox, filler, "exp_fill", hdd="1mb")
     enqueue(sandbox, fine, "exp_fine", hdd="1mb")
-    result = sandbox.run_once(timeout=300, WORKING_DIR=str(small_disk), STUDIO_RUNNER_DISK_RESERVE="1mb",
-                              STUDIO_RUNNER_RETRY_DELAY="0.2s", MAX_ATTEMPTS="2")
+    result = sandbox.run_once(timeout=300, STUDIO_RUNNER_WORKING_DIR=str(small_disk), STUDIO_RUNNER_DISK_RESERVE="1mb",
+                              STUDIO_RUNNER_RETRY_DELAY="0.2s", STUDIO_RUNNER_MAX_ATTEMPTS="2")
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
     assert "the next experiment runs" in sandbox.output_text("exp_fine")
     statuses = [o["status"] for o in outcome_of(sandbox, "exp_fill")]
@@ -280,7 +280,7 @@ for n in itertools.count():
 def test_work_that_does_not_fit_the_disk_is_not_taken(sandbox: Sandbox, tmp_path: Path, small_disk: Path) -> None:
     script = write_script(tmp_path / "x", "print('should not run')\n")
     enqueue(sandbox, script, "exp_too_big", hdd="100mib")
-    result = sandbox.run_once(WORKING_DIR=str(small_disk), STUDIO_RUNNER_DISK_RESERVE="1mb")
+    result = sandbox.run_once(STUDIO_RUNNER_WORKING_DIR=str(small_disk), STUDIO_RUNNER_DISK_RESERVE="1mb")
     assert "does not fit" in result.stderr and "released" in result.stderr
     assert len(sandbox.pending(QUEUE)) == 1 and not sandbox.set_aside(QUEUE)
     assert outcome_of(sandbox, "exp_too_big") == []
@@ -292,6 +292,7 @@ def test_work_that_does_not_fit_the_disk_is_not_taken(sandbox: Sandbox, tmp_path
 @pytest.fixture
 def read_only_store(sandbox: Sandbox) -> Iterator[Path]:
     """The sandbox's store on a tmpfs that is remounted read-only after the workspace was uploaded."""
+    sandbox.store.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(sandbox.store)],
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -310,9 +311,9 @@ def test_read_only_storage_backs_off_and_gives_every_attempt_its_own_id(
     subprocess.run(["mount", "-o", "remount,ro", str(read_only_store)], check=True)
     started = time.monotonic()
     result = sandbox.run_once(STUDIO_RUNNER_RETRY_DELAY="1s", STUDIO_RUNNER_RETRY_DELAY_MAX="10s",
-                              STUDIO_RUNNER_UPLOAD_RETRY_WINDOW="2s", MAX_ATTEMPTS="3")
+                              STUDIO_RUNNER_UPLOAD_RETRY_WINDOW="2s", STUDIO_RUNNER_MAX_ATTEMPTS="3")
     log = result.stderr
-    starts = re.findall(r"experiment exp_read_only from local \S+ \(attempt (\d), id (\S+)\) starting", log)
+    starts = re.findall(r"experiment exp_read_only from local \S+ \(attempt (\d)\) starting, attempt id (\S+)", log)
     assert [n for n, _ in starts] == ["1", "2", "3"], log[-4000:]
     assert len({attempt_id for _, attempt_id in starts}) == 3
     assert time.monotonic() - started > 1.5 + 3  # back-offs (>= 0.5 s, >= 1 s) and upload retry windows
@@ -379,6 +380,7 @@ def s3_submit(box: Sandbox, bucket: S3Bucket, endpoint: str, script: Path, key: 
     """Like ``studio run`` with S3 storage: the workspace in the bucket, every locator an s3:// URL."""
     client = bucket.server.client()
     staging = box.base / "staging"
+    staging.mkdir(exist_ok=True)
     workspace_key = pack_workspace(script.resolve().parent, staging)
     client.upload_file(str(staging / workspace_key), bucket.name, workspace_key)
     request = build_request(Submission(script=script, queue=QUEUE, experiment=key, **kwargs),  # type: ignore[arg-type]
@@ -401,9 +403,12 @@ def test_a_storage_outage_does_not_throw_finished_work_away(sandbox: Sandbox, tm
     uploaded once S3 answers again, without running anything twice."""
     proxy = FlakyProxy(s3_bucket.server.endpoint)
     release = tmp_path / "release"
+    running = tmp_path / "running"
+    running.mkdir()
     try:
         script = write_script(tmp_path / "quick", f"""\
-import pathlib, time
+import os, pathlib, time
+pathlib.Path({str(running)!r}, os.environ["STUDIOML_EXPERIMENT"]).write_text("x")
 while not pathlib.Path({str(release)!r}).exists():
     time.sleep(0.05)
 print("finished while storage was down")
@@ -413,8 +418,7 @@ print("finished while storage was down")
             s3_submit(sandbox, s3_bucket, proxy.endpoint, script, key)
         runner = sandbox.start(STUDIO_RUNNER_MAX_RUNNING="4", STUDIO_RUNNER_UPLOAD_RETRY_WINDOW="5m")
         try:
-            wait_for(lambda: len(list(sandbox.work.rglob("workspace/main.py"))) >= 1, 120,
-                     "the experiments to start", runner)
+            wait_for(lambda: len(list(running.iterdir())) == 4, 120, "the four experiments to run", runner)
             proxy.down = True
             release.write_text("go")
             time.sleep(20)

@@ -642,3 +642,11 @@ def test_mutated_fixtures(target: tuple[str, tuple[Any, ...]], value: Any, secon
         except (KeyError, IndexError, TypeError):
             pass  # the first mutation removed or replaced the second path's parent
     _check(json.dumps(doc))
+
+
+@pytest.mark.parametrize("label", ["model\ndir", "\x1b[31mred", "tab\there", "line\u2028sep", "a/b", ".."])
+def test_labels_that_could_forge_a_path_a_log_line_or_a_metadata_key_are_refused(label: str) -> None:
+    """Issue 6 item 11: a label names a directory and a key of the metadata's studioml.artifacts."""
+    with pytest.raises(RequestInvalid, match="not a usable artifact label") as caught:
+        parse(minimal(artifacts={label: {"mutable": True}}))
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)

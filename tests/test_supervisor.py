@@ -53,7 +53,7 @@ class ScriptedExecutor:
         self._count: Counter[str] = Counter()
 
     async def run(self, request: Request, *, queue: str = "", attempt: int = 1, abort: Abort | None = None,
-                  record: AttemptRecord | None = None) -> Outcome:
+                  record: AttemptRecord | None = None, last_attempt: bool = False) -> Outcome:
         key = request.experiment.key
         plays = self.script.get(key, [self.default])
         seconds, status, action = plays[min(self._count[key], len(plays) - 1)]
@@ -138,7 +138,7 @@ def test_hand_backs_back_off_and_give_up_after_max_attempts() -> None:
         [(3, True)]
     broken = [c for c in executor.calls if c[0] == "broken"]
     assert [c[1] for c in broken] == [1, 2, 3]
-    gaps = [later[3] - earlier[3] for earlier, later in zip(broken, broken[1:])]
+    gaps = [later[3] - earlier[3] for earlier, later in zip(broken, broken[1:], strict=False)]
     assert 2.0 <= gaps[0] <= 4.5 and 4.0 <= gaps[1] <= 8.5, gaps  # 4 s then 8 s, jittered to [50%, 100%]
     ids = [c[2] for c in executor.calls]
     assert len(set(ids)) == len(ids)
@@ -194,9 +194,11 @@ def test_lost_claim_is_never_settled() -> None:
             supervisor.shutdown()
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
-    assert not queue.acked and not queue.set_aside_items  # the broker took it back: nothing to settle
-    finished = supervisor.registry.finished()
-    assert finished[0].key == "lost" and finished[0].status is Status.SUCCESS and finished[0].action is None
+    # the broker took the first delivery back: it is never settled; the requeued copy runs and is acked
+    assert [r.attempt for r in queue.acked] == [2] and not queue.set_aside_items and not queue.nacked
+    assert [c[1] for c in executor.calls] == [1, 2]
+    first = supervisor.registry.finished()[0]
+    assert first.key == "lost" and first.status is Status.SUCCESS and first.action is None
 
 
 def test_intake_pauses_while_results_cannot_be_saved() -> None:
@@ -250,7 +252,8 @@ def test_registry_stamps_phases_and_stays_bounded() -> None:
     outcomes = run_once(supervisor)
     assert len(outcomes) == 10 and len(supervisor.registry.finished()) == 5
     assert len(supervisor.registry) == 0  # nothing left live
-    assert sum(isinstance(e, Settled) for e in events) == 30 and sum(isinstance(e, Finished) for e in events) == 30
+    assert sum(isinstance(e, Settled) for e in events) == 30
+    assert sum(isinstance(e, Finished) for e in events) == 30
     last = supervisor.registry.finished()[-1]
     assert [p for p, _ in last.phases] == [Phase.CLAIMED, Phase.SETTLING, Phase.DONE]
     assert last.key and last.status is Status.SUCCESS and last.action is Action.ACK

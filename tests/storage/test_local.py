@@ -152,10 +152,10 @@ def test_put_is_atomic_to_concurrent_readers(tmp_path: Path) -> None:
 def test_stores_picks_one_backend_per_kind(tmp_path: Path) -> None:
     stores = Stores()
     local = stores.for_url("/abs/path")
-    assert isinstance(local, LocalStore)
+    assert isinstance(local.backend, LocalStore)  # type: ignore[attr-defined]  # behind the observer
     assert stores.for_url("file://tmp/x") is local
     assert stores.for_url("FILE:///x") is local
-    assert isinstance(stores.for_url("https://example.com/a.tar"), HttpStore)
+    assert isinstance(stores.for_url("https://example.com/a.tar").backend, HttpStore)  # type: ignore[attr-defined]
     assert stores.for_url("http://example.com/b") is stores.for_url("https://example.com/a")
     for url in ("gs://bucket/key", "dockerhub://image", "shub://x"):
         with pytest.raises(StorageError, match="unsupported locator scheme"):
@@ -167,8 +167,8 @@ def test_stores_picks_one_backend_per_kind(tmp_path: Path) -> None:
 def test_stores_builds_s3_with_options() -> None:
     stores = Stores(s3_options={"default_region": "eu-west-2"})
     s3 = stores.for_url("s3://127.0.0.1:9000/bucket/key.tar")
-    assert type(s3).__name__ == "S3Store"
-    assert s3.default_region == "eu-west-2"  # type: ignore[attr-defined]
+    assert type(s3.backend).__name__ == "S3Store"  # type: ignore[attr-defined]
+    assert s3.backend.default_region == "eu-west-2"  # type: ignore[attr-defined]
     assert stores.for_url("s3://other:9000/b/k") is s3
 
 

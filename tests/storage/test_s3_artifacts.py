@@ -50,7 +50,7 @@ def _aws(bucket: S3Bucket, region: str | None = None) -> dict[str, Any]:
 
 
 def _client_regions(stores: Stores, url: str) -> set[str]:
-    store = stores.for_url(url)
+    store = stores.for_url(url).backend  # type: ignore[attr-defined]  # the S3Store behind the observer
     assert isinstance(store, S3Store)
     return {client.meta.region_name for client in store._clients.values()}
 

@@ -46,6 +46,7 @@ class Sandbox:
             STUDIO_RUNNER_POLL_INTERVAL="0.05s",
             STUDIO_RUNNER_ABORT_CHECK_INTERVAL="1s",
             STUDIO_RUNNER_LOG_LEVEL="debug",
+            STUDIO_RUNNER_RETRY_DELAY="0.2s",  # hand-backs wait a moment, not the default 10 s
             PYTHONPATH=str(REPO),
         )
         env.update(overrides)
