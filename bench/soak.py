@@ -37,6 +37,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -44,7 +45,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import pika  # noqa: E402
 import psutil  # noqa: E402
-from support.rabbitmq import AMQP_URL, EXCHANGE, declare_like_studioml, delete_queue  # noqa: E402
+from support.rabbitmq import AMQP_URL, EXCHANGE, declare_like_studioml, delete_queue, mgmt_get  # noqa: E402
 from support.s3server import start_moto  # noqa: E402
 from support.studioml_client import cache_root  # noqa: E402
 
@@ -90,8 +91,10 @@ class Runner:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=20.0, help="how long to submit work and inject faults")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=20.0,
+                        help="how long to submit work and inject faults")
     parser.add_argument("--drain-minutes", type=float, default=10.0, help="how long to wait for the rest")
     parser.add_argument("--runners", type=int, default=2)
     parser.add_argument("--per-runner", type=int, default=2, help="experiments each runner runs at once")
@@ -107,6 +110,21 @@ def main() -> int:
     print(f"soak {args.minutes:g} min, {args.runners} runners x {args.per_runner}, seed {seed}, dir {base}, "
           f"queue {queue}", flush=True)
     server = start_moto()
+    runners: list[Runner] = []
+    try:
+        return soak(args, rng, seed, base, queue, server, runners)
+    finally:
+        for runner in runners:
+            if runner.process and runner.process.poll() is None:
+                runner.process.kill()
+        delete_queue(AMQP_URL, queue)
+        server.stop()
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def soak(args: argparse.Namespace, rng: random.Random, seed: int, base: Path, queue: str, server: Any,
+         runners: list[Runner]) -> int:
     client = server.client()
     bucket = f"soak-{uuid.uuid4().hex[:8]}"
     client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-1"})
@@ -120,7 +138,7 @@ def main() -> int:
     creds = {"aws": {"access_key": server.credentials.access_key,
                      "secret_access_key": server.credentials.secret_key}}
 
-    runners = [Runner(i, base / f"work{i}", base / f"runner{i}.log") for i in range(args.runners)]
+    runners.extend(Runner(i, base / f"work{i}", base / f"runner{i}.log") for i in range(args.runners))
     env = dict(os.environ, PYTHONPATH=str(REPO), STUDIO_RUNNER_ENV_CACHE_DIR=str(cache_root() / "envs"),
                STUDIO_RUNNER_MAX_RUNNING=str(args.per_runner), STUDIO_RUNNER_MIN_CHECKPOINT_INTERVAL="5s",
                STUDIO_RUNNER_GRACE_PERIOD="3s", STUDIO_RUNNER_RETRY_DELAY="2s",
@@ -232,14 +250,20 @@ def main() -> int:
             sample()
             next_sample = now + 10
         time.sleep(0.2)
-    for when, runner in pending_restart:
+    for _when, runner in pending_restart:
         start(runner)
     print(f"[{time.monotonic() - t0:6.0f}s] submitted {n}; waiting for the rest", flush=True)
     drain_end = time.monotonic() + args.drain_minutes * 60
+    def messages_left() -> int:
+        try:
+            return int(mgmt_get(f"/api/queues/%2f/{queue}").json().get("messages", 1))
+        except Exception:
+            return 1
+
     while time.monotonic() < drain_end:
         seen_docs = outcomes()
         final = [k for k in expected if any(s in ("success", "failed") for s in seen_docs.get(k, []))]
-        if len(final) == len(expected):
+        if len(final) == len(expected) and messages_left() == 0:  # duplicates from requeues ran too
             break
         if time.monotonic() >= next_sample:
             sample()
@@ -277,27 +301,27 @@ def main() -> int:
     print()
     print(f"seed                         {seed}")
     print(f"experiments submitted        {len(expected)}")
-    print(f"completed                    {sum(statuses.values())}  ({', '.join(f'{k} {v}' for k, v in sorted(statuses.items()))})")
+    by_outcome = ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
+    print(f"completed                    {sum(statuses.values())}  ({by_outcome})")
     print(f"lost                         {len(lost)}  {lost[:10]}")
     print(f"run more than once           {len(twice)}  (at-least-once after kill -9 / broker restart)")
     print(f"still queued at the end      {left_in_queue}")
-    print(f"faults injected              kill -9 x{sum(r.kills for r in runners)}, broker restarts x{broker_restarts}")
+    kills = sum(r.kills for r in runners)
+    print(f"faults injected              kill -9 x{kills}, broker restarts x{broker_restarts}")
     for runner in runners:
         if not runner.samples:
             continue
-        rss = [s[1] for s in runner.samples]
-        fds = [s[2] for s in runner.samples]
-        quarter = max(1, len(runner.samples) // 4)
-        print(f"runner {runner.index} RSS MB               first {rss[0]:.0f}, median {statistics.median(rss):.0f}, "
-              f"last quarter max {max(rss[-quarter:]):.0f}, peak {max(rss):.0f}")
-        print(f"runner {runner.index} open files           first {fds[0]}, median {statistics.median(fds):.0f}, "
-              f"last quarter max {max(fds[-quarter:])}, peak {max(fds)}")
+        settled = [s for s in runner.samples if s[0] >= 60] or runner.samples  # past start-up
+        rss = [s[1] for s in settled]
+        fds = [s[2] for s in settled]
+        quarter = max(1, len(settled) // 4)
+        print(f"runner {runner.index} RSS MB               at 1 min {rss[0]:.0f}, "
+              f"median {statistics.median(rss):.0f}, last quarter max {max(rss[-quarter:]):.0f}, "
+              f"peak {max(rss):.0f}  ({len(settled)} samples, 10 s apart, restarts included)")
+        print(f"runner {runner.index} open files           at 1 min {fds[0]}, "
+              f"median {statistics.median(fds):.0f}, last quarter max {max(fds[-quarter:])}, peak {max(fds)}")
     print(f"leftover processes           {len(leftover_procs)}")
     print(f"leftover directories         {len(leftover_dirs)}  {[str(d) for d in leftover_dirs[:5]]}")
-    delete_queue(AMQP_URL, queue)
-    server.stop()
-    if not args.keep:
-        shutil.rmtree(base, ignore_errors=True)
     return 1 if lost or leftover_procs or leftover_dirs else 0
 
 

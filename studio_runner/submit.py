@@ -49,6 +49,7 @@ def store_url(store_root: Path, key: str) -> str:
 
 def pack_workspace(directory: Path, store_root: Path) -> str:
     """Tar the directory (content-addressed like the client) into ``<store_root>/blobstore``; return key."""
+    store_root.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(suffix=".tar", delete=False, dir=store_root) as tmp:
         tmp_path = Path(tmp.name)
     try:
