@@ -260,8 +260,8 @@ OPTIONS: tuple[Option, ...] = (
            "proxy variables); separated by commas. Nothing else of the runner's environment reaches them.",
            doc_default=""),
     Option("disk-reserve", units.parse_size, "1GiB",
-           "Free space always kept on the working directory's filesystem: a request is taken only when its hdd "
-           "(plus what running experiments reserved) fits on top of this.", "size"),
+           "Free space always kept on the working directory's filesystem: a request is taken only when its "
+           "hdd (plus what running experiments reserved) fits on top of this.", "size"),
     # -- lifecycle policies
     Option("max-running", _positive_int, "1", "How many experiments this runner runs at once.", "int"),
     Option("max-attempts", _int, "3",
@@ -270,7 +270,8 @@ OPTIONS: tuple[Option, ...] = (
            "After a runner-side failure the message is held this long before it goes back to its queue; the "
            "delay doubles with each attempt, up to retry-delay-max, and is randomised to 50-100% of that.",
            "duration", minimum=0.1),
-    Option("retry-delay-max", units.parse_duration, "10m", "Cap of the delay between attempts of one message.",
+    Option("retry-delay-max", units.parse_duration, "10m",
+           "Cap of the delay between attempts of one message.",
            "duration", minimum=0.1),
     Option("upload-retry-window", units.parse_duration, "30m",
            "How long the final upload of a finished experiment is retried (with back-off) while storage is "

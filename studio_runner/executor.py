@@ -158,7 +158,8 @@ class _Attempt:
                                  credentials=request.credential_values())
         self.scraper = metadata.MetadataScraper(schema_logs=self.s.schema_logs)
         self.output = OutputLog(expdir / "output" / "output", self.redactor, self.scraper,
-                                request.experiment.key, on_line=lambda text: self.registry.output(record, text))
+                                request.experiment.key,
+                                on_line=lambda text: self.registry.output(record, text))
         scrape_name = metadata.scrape_file_name(self.s.hostname, outcome.started, request.experiment.key)
         self.sync = ArtifactSync(self.s.stores, request, expdir, self.output, self.scraper, scrape_name,
                                  on_checkpoint=lambda final: self.registry.checkpointed(record, final))
@@ -329,8 +330,8 @@ class _Attempt:
             self.output.note(self.outcome.reason)
         else:
             if code is not None and code < 0:
-                reason = (f"the experiment was killed by {_signal_name(-code)}, which the runner did not send "
-                          "(the kernel's OOM killer, or the experiment itself)")
+                reason = (f"the experiment was killed by {_signal_name(-code)}, which the runner did not "
+                          "send (the kernel's OOM killer, or the experiment itself)")
             else:
                 reason = f"the experiment exited with status {code}"
             self.decide(Status.FAILED, Action.ACK, reason)

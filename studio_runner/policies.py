@@ -126,5 +126,5 @@ class DiskAdmission:
         if free - reserved - self.reserve >= need:
             return None
         return (f"needs {format_size(need)} of disk; {format_size(max(0, free - reserved))} free in "
-                f"{self.working_dir} after running experiments' reservations, and {format_size(self.reserve)} "
-                "is kept in reserve")
+                f"{self.working_dir} after running experiments' reservations, and "
+                f"{format_size(self.reserve)} is kept in reserve")

@@ -107,7 +107,8 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
         poll_interval=settings.poll_interval, rescan_interval=settings.rescan_interval,
         abort_check_interval=settings.abort_check_interval, drain_timeout=settings.drain_timeout,
         retries=Retries(settings.max_attempts, Backoff(settings.retry_delay, settings.retry_delay_max)),
-        admission=DiskAdmission(settings.working_dir, settings.disk_reserve), max_running=settings.max_running,
+        admission=DiskAdmission(settings.working_dir, settings.disk_reserve),
+        max_running=settings.max_running,
     )
     try:
         for backend in backends:  # connect early so configuration mistakes show at start-up

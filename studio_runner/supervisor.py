@@ -288,7 +288,8 @@ class Supervisor:
         self.registry.identify(held.record, exp.key, exp.project)
         refusal = self._admission_refusal(request)
         if refusal is not None:
-            self._paused_until[(held.backend.kind, delivery.queue)] = trio.current_time() + self.s.refused_pause
+            until = trio.current_time() + self.s.refused_pause
+            self._paused_until[(held.backend.kind, delivery.queue)] = until
             log.info("experiment %s from %s does not fit now (%s): released, queue left alone for %.0fs",
                      exp.key, delivery.queue, refusal, self.s.refused_pause)
             return self._outcome_for(held, Status.DEFERRED, Action.RELEASE, f"does not fit: {refusal}",
@@ -357,8 +358,8 @@ class Supervisor:
         log.log(level, "experiment %s on %s: %s (attempt %d, %s)", outcome.key, outcome.queue, summary,
                 delivery.attempt, _ACTION_WORDS[action])
         if delivery.lost.is_set():
-            log.warning("experiment %s: the queue took its message back while it ran; not acknowledging it (it "
-                        "may run again elsewhere, its artifacts are overwritten atomically)", outcome.key)
+            log.warning("experiment %s: the queue took its message back while it ran; not acknowledging it "
+                        "(it may run again elsewhere, its artifacts are overwritten atomically)", outcome.key)
             self.registry.settle(held.record, None)
             return
         self.registry.phase(held.record, Phase.SETTLING)

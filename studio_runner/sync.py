@@ -44,7 +44,7 @@ METADATA_LABEL = "_metadata"
 
 
 class ArtifactSync:
-    """Uploads one attempt's mutable artifacts and metadata document, skipping what must not or need not go."""
+    """Uploads one attempt's mutable artifacts and metadata document, skipping what must not or need not."""
 
     def __init__(self, stores: Stores, request: Request, expdir: Path, output: OutputLog,
                  scraper: metadata.MetadataScraper, scrape_name: str,
@@ -132,7 +132,8 @@ class ArtifactSync:
                 if freed:
                     raise error
                 freed = True
-                log.warning("%s: freeing the experiment's temporary files and inputs to save its results", error)
+                log.warning("%s: freeing the experiment's temporary files and inputs to save its results",
+                            error)
                 await trio.to_thread.run_sync(self._free_space)
                 continue
             delay = backoff.delay(tries)

@@ -86,7 +86,8 @@ print("done after a minute")
     assert [o["status"] for o in outcome_of(sandbox, "exp_minute")] == ["success"]
 
 
-def test_kill_9_of_the_runner_ends_the_experiment_within_two_seconds(sandbox: Sandbox, tmp_path: Path) -> None:
+def test_kill_9_of_the_runner_ends_the_experiment_within_two_seconds(sandbox: Sandbox,
+                                                                     tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     script = write_script(tmp_path / "sleeper", f"""\
 import os, pathlib, time
@@ -248,7 +249,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.expected_skip("needs root to mount a tmpfs")
-def test_a_full_disk_ends_the_attempt_not_the_runner(sandbox: Sandbox, tmp_path: Path, small_disk: Path) -> None:
+def test_a_full_disk_ends_the_attempt_not_the_runner(sandbox: Sandbox, tmp_path: Path,
+                                                     small_disk: Path) -> None:
     filler = write_script(tmp_path / "fill", """\
 import itertools
 try:
@@ -263,7 +265,8 @@ for n in itertools.count():
     fine = write_script(tmp_path / "fine", "print('the next experiment runs')\n")
     enqueue(sandbox, filler, "exp_fill", hdd="1mb")
     enqueue(sandbox, fine, "exp_fine", hdd="1mb")
-    result = sandbox.run_once(timeout=300, STUDIO_RUNNER_WORKING_DIR=str(small_disk), STUDIO_RUNNER_DISK_RESERVE="1mb",
+    result = sandbox.run_once(timeout=300, STUDIO_RUNNER_WORKING_DIR=str(small_disk),
+                              STUDIO_RUNNER_DISK_RESERVE="1mb",
                               STUDIO_RUNNER_RETRY_DELAY="0.2s", STUDIO_RUNNER_MAX_ATTEMPTS="2")
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
     assert "the next experiment runs" in sandbox.output_text("exp_fine")
@@ -277,7 +280,8 @@ for n in itertools.count():
 
 
 @pytest.mark.expected_skip("needs root to mount a tmpfs")
-def test_work_that_does_not_fit_the_disk_is_not_taken(sandbox: Sandbox, tmp_path: Path, small_disk: Path) -> None:
+def test_work_that_does_not_fit_the_disk_is_not_taken(sandbox: Sandbox, tmp_path: Path,
+                                                      small_disk: Path) -> None:
     script = write_script(tmp_path / "x", "print('should not run')\n")
     enqueue(sandbox, script, "exp_too_big", hdd="100mib")
     result = sandbox.run_once(STUDIO_RUNNER_WORKING_DIR=str(small_disk), STUDIO_RUNNER_DISK_RESERVE="1mb")
@@ -313,7 +317,8 @@ def test_read_only_storage_backs_off_and_gives_every_attempt_its_own_id(
     result = sandbox.run_once(STUDIO_RUNNER_RETRY_DELAY="1s", STUDIO_RUNNER_RETRY_DELAY_MAX="10s",
                               STUDIO_RUNNER_UPLOAD_RETRY_WINDOW="2s", STUDIO_RUNNER_MAX_ATTEMPTS="3")
     log = result.stderr
-    starts = re.findall(r"experiment exp_read_only from local \S+ \(attempt (\d)\) starting, attempt id (\S+)", log)
+    starts = re.findall(r"experiment exp_read_only from local \S+ \(attempt (\d)\) starting, "
+                        r"attempt id (\S+)", log)
     assert [n for n, _ in starts] == ["1", "2", "3"], log[-4000:]
     assert len({attempt_id for _, attempt_id in starts}) == 3
     assert time.monotonic() - started > 1.5 + 3  # back-offs (>= 0.5 s, >= 1 s) and upload retry windows
@@ -376,7 +381,8 @@ class FlakyProxy:
         self.listener.close()
 
 
-def s3_submit(box: Sandbox, bucket: S3Bucket, endpoint: str, script: Path, key: str, **kwargs: object) -> dict:
+def s3_submit(box: Sandbox, bucket: S3Bucket, endpoint: str, script: Path, key: str,
+              **kwargs: object) -> dict:
     """Like ``studio run`` with S3 storage: the workspace in the bucket, every locator an s3:// URL."""
     client = bucket.server.client()
     staging = box.base / "staging"
@@ -432,7 +438,7 @@ print("finished while storage was down")
 
             wait_for(uploaded, 180, "the results to be uploaded after the outage", runner)
             wait_for(lambda: not sandbox.pending(QUEUE) and not list(
-                (sandbox.queue_root / ".inflight").rglob("*~*")), 60, "the messages to be acknowledged", runner)
+                (sandbox.queue_root / ".inflight").rglob("*~*")), 60, "the acknowledgements", runner)
         finally:
             runner.send_signal(signal.SIGTERM)
             out, _ = runner.communicate(timeout=60)

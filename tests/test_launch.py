@@ -89,7 +89,8 @@ def test_environment_is_built_from_an_explicit_base(tmp_path):
 def test_venv_bin_stays_first_whatever_config_env_says(tmp_path):
     venv_bin = str(tmp_path / "venv" / "bin")
     for path in ("./bin:%PATH%", "/opt/bin", f"/opt/bin:{venv_bin}", ""):
-        env = experiment_environment({"PATH": "/usr/bin"}, make_request(env={"PATH": path}), tmp_path / "venv",
+        env = experiment_environment({"PATH": "/usr/bin"}, make_request(env={"PATH": path}),
+                                     tmp_path / "venv",
                                      tmp_path / "ab12.0", tmp_path, tmp_path / "tmp")
         parts = env["PATH"].split(":")
         assert parts[0] == venv_bin and parts.count(venv_bin) == 1, env["PATH"]

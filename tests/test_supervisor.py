@@ -112,7 +112,8 @@ def test_each_action_is_carried_out() -> None:
         "released": [(1, Status.DEFERRED, Action.RELEASE), (1, Status.SUCCESS, Action.ACK)],
     })
     outcomes = run_once(make(executor, queue))
-    assert sorted(json.loads(r.body)["experiment"]["key"] for r in queue.acked) == ["failed", "ok", "released"]
+    acked = sorted(json.loads(r.body)["experiment"]["key"] for r in queue.acked)
+    assert acked == ["failed", "ok", "released"]
     released = [r for r in queue.acked if b"released" in r.body][0]
     assert released.attempt == 1  # a release does not count an attempt
     assert [r.body for r in queue.set_aside_items] == [body("aside"), b"{not json"]

@@ -61,7 +61,8 @@ class _Registration:
 _SCHEMES: dict[str, _Registration] = {}
 
 
-def register_scheme(schemes: tuple[str, ...], kind: str, factory: Callable[[StoreOptions], ObjectStore]) -> None:
+def register_scheme(schemes: tuple[str, ...], kind: str,
+                    factory: Callable[[StoreOptions], ObjectStore]) -> None:
     """Serve locators of ``schemes`` with one backend of ``kind`` made by ``factory`` (lazily, once)."""
     for scheme in schemes:
         _SCHEMES[scheme.lower()] = _Registration(kind, factory)
@@ -125,7 +126,7 @@ def endpoint_of(url: str) -> str:
 
 class StorageHealth:
     """Whether results can be saved now: an endpoint is failing from a failed upload until an upload to it
-    succeeds (or whoever kept retrying gives up). The supervisor takes no new work while any endpoint fails."""
+    succeeds (or whoever kept retrying gives up). The supervisor takes no new work while one fails."""
 
     def __init__(self) -> None:
         self._failing: dict[str, str] = {}
@@ -173,7 +174,8 @@ TransferCallback = Callable[[str, int, str], None]
 class _Observed:
     """An ObjectStore that reports transfers and upload health; everything else is the backend's."""
 
-    def __init__(self, backend: ObjectStore, health: StorageHealth, on_transfer: TransferCallback | None) -> None:
+    def __init__(self, backend: ObjectStore, health: StorageHealth,
+                 on_transfer: TransferCallback | None) -> None:
         self._backend = backend
         self._health = health
         self._on_transfer = on_transfer
