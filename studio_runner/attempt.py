@@ -131,13 +131,17 @@ class Abort:
 
     def __init__(self) -> None:
         self.event = trio.Event()
+        self.shutdown = trio.Event()
+        """Set whenever the runner is stopping at once, even after an earlier cause: retries give up."""
         self.cause: StopCause | None = None
         self.reason = ""
         self._notes: list[tuple[str, dict[str, Any]]] = []
         self._sink: Callable[[str, dict[str, Any]], None] | None = None
 
     def trigger(self, cause: StopCause, reason: str) -> None:
-        """Ask the attempt to stop; the first cause wins."""
+        """Ask the attempt to stop; the first cause wins (a shutdown is always noted in ``shutdown``)."""
+        if cause is StopCause.SHUTDOWN:
+            self.shutdown.set()
         if not self.event.is_set():
             self.cause, self.reason = cause, reason
             self.event.set()

@@ -272,8 +272,8 @@ class _Attempt:
         started = time.time()
         deadline, limit_name = self.s.deadline.at(request, started)
         interval = self.s.checkpoints.interval(request)
-        self.process_started = True
-        proc = await process.start(argv, self.expdir / "workspace", env)
+        proc = await process.start(argv, self.expdir / "workspace", env)  # cancellable: leaves nothing
+        self.process_started = True  # from here an abort stops the process gracefully instead
         self.record.pid = proc.pid
         self.outcome.ran = self.sync.ran = True
         self.registry.phase(self.record, Phase.RUNNING)
@@ -379,8 +379,8 @@ class _Attempt:
         try:
             await self.sync.save_results(
                 include_output=outcome.ran or final, window=self.s.upload_window,
-                backoff=self.s.upload_backoff, wake=self.abort.event,
-                give_up=lambda: self.abort.cause is StopCause.SHUTDOWN)
+                backoff=self.s.upload_backoff, wake=self.abort.shutdown,
+                give_up=self.abort.shutdown.is_set)
             outcome.output_url = self.sync.url_of("output") if (outcome.ran or final) else None
             outcome.metadata_url = self.sync.metadata_url
         except RunnerError as exc:
