@@ -6,7 +6,7 @@ Building the experiment's virtualenv is the hot path of every run, so each envir
 Layout under ``root`` (one cache may be shared by several runner processes on one host):
 
 * ``<key>/``                            a complete relocatable venv; appears only by atomic rename
-* ``<key>/.studio-runner-size``         its size in bytes, measured once after the build
+* ``<key>/.studio-runner-size``         its size in bytes, measured after the build and again on each release
 * ``<key>/.studio-runner-last-used``    touched on every acquire and release; its mtime drives LRU eviction
 * ``<key>.lock``                        ``flock``: exclusive while building or evicting, shared while in use
 * ``.build-<key>-<random>/``            a build in progress (``venv/`` + ``requirements.txt``)
@@ -15,6 +15,18 @@ Layout under ``root`` (one cache may be shared by several runner processes on on
 Size accounting: every regular file counts its full apparent size once per environment (by inode), even
 when it is a hardlink into uv's cache or shared with another environment. That over-counts real disk use,
 which is the conservative direction for a disk bound.
+
+Bytecode is not compiled at build time (it was about two thirds of a cold build): an experiment's Python
+compiles what it imports on first use and writes the ``.pyc`` beside the source, into the cached
+environment. That is safe to share: CPython writes each ``.pyc`` to a temporary name and renames it into
+place (``importlib``'s ``_write_atomic``), so concurrent experiments on one environment read either no
+``.pyc`` or a whole one, and an unwritable environment only means recompiling in memory. The files land in
+the environment's own ``__pycache__`` directories (uv hardlinks files, never directories), so uv's cache
+is untouched. They are written only while an experiment holds the shared lock, so never into an entry being
+evicted (eviction takes the exclusive lock). The environment grows by them after its build, so the size is
+measured again on each release, keeping eviction's accounting current. Compiling in the background after
+the experiment started was rejected: on a busy host it takes CPU from the experiment to compile modules the
+experiment mostly never imports.
 
 uv links installed files from its cache (``UV_CACHE_DIR`` when ``uv_cache_dir`` is given, else uv's own
 default): keep that cache on the same filesystem as ``root`` so installs are hardlinks, not copies. uv runs
@@ -194,6 +206,19 @@ def _measure(path: Path) -> int:
     return total
 
 
+def _record_size(env_dir: Path) -> None:
+    """Re-measure an entry in use (it grows by the bytecode its experiments write); atomic for readers."""
+    try:
+        size = _measure(env_dir)
+        if (env_dir / SIZE_FILE).read_text() == str(size):
+            return
+        tmp = env_dir / f"{SIZE_FILE}.{secrets.token_hex(4)}"
+        tmp.write_text(str(size))
+        os.replace(tmp, env_dir / SIZE_FILE)
+    except (OSError, ValueError) as exc:  # the recorded size stays; never fail a finished experiment
+        logger.warning("python environment %s: re-measuring its size failed: %s", env_dir.name, exc)
+
+
 def _touch(path: Path) -> None:
     try:
         path.touch()
@@ -287,7 +312,11 @@ class EnvCache:
             yield PythonEnv(env_dir, env_dir / "bin" / "python", key, not built, interpreter, seconds)
         finally:
             _touch(env_dir / LAST_USED_FILE)
-            os.close(fd)
+            try:
+                with trio.CancelScope(shield=True):  # still holding the shared lock: nobody evicts it now
+                    await trio.to_thread.run_sync(_record_size, env_dir)
+            finally:
+                os.close(fd)
 
     async def _ready(
         self, interpreter: Interpreter, requirements: list[str], log: Callable[[str], None]
@@ -419,7 +448,8 @@ class EnvCache:
         if install:
             lines = reqfile.read_text().splitlines()  # uv cannot install VCS checkouts as editables
             reqfile.write_text("".join(_EDITABLE_VCS_RE.sub("", line) + "\n" for line in lines))
-            cmd = [uv, "pip", "install", "--compile-bytecode", "--python", str(venv / "bin" / "python")]
+            # no --compile-bytecode: experiments compile what they import (module docstring)
+            cmd = [uv, "pip", "install", "--python", str(venv / "bin" / "python")]
             await _run_logged([*cmd, *index, "-r", str(reqfile)], env, cwd, log, "uv pip install")
 
     async def _build_pip(
@@ -435,6 +465,7 @@ class EnvCache:
                 "install",
                 "--disable-pip-version-check",
                 "--no-input",
+                "--no-compile",  # as with uv: experiments compile what they import (module docstring)
                 "-r",
                 str(reqfile),
             ]

@@ -204,7 +204,7 @@ def test_built_env_runs_the_pinned_package(six_env: Built, roots: tuple[Path, Pa
 
 @slow
 def test_second_acquire_is_a_hit_that_never_runs_uv(six_env: Built, roots: tuple[Path, Path]) -> None:
-    before = (six_env.env.path.stat().st_ino, (six_env.env.path / SIZE_FILE).stat().st_mtime_ns)
+    before = (six_env.env.path.stat().st_ino, (six_env.env.path / "pyvenv.cfg").stat().st_ino)
     no_uv = make_cache(roots, uv_bin="/nonexistent/uv")  # a miss would have to build without uv
     find_interpreter("3.11", [], False, False)  # discovery is cached per process, as in the runner
     started = time.monotonic()
@@ -212,8 +212,36 @@ def test_second_acquire_is_a_hit_that_never_runs_uv(six_env: Built, roots: tuple
     elapsed = time.monotonic() - started
     assert again.env.cache_hit and again.env.key == six_env.env.key and again.env.build_seconds == 0
     assert again.log == [] and no_uv.builds == 0 and no_uv.hits == 1
-    assert (again.env.path.stat().st_ino, (again.env.path / SIZE_FILE).stat().st_mtime_ns) == before
+    assert (again.env.path.stat().st_ino, (again.env.path / "pyvenv.cfg").stat().st_ino) == before
     assert elapsed < 1.0, elapsed
+
+
+@slow
+def test_build_compiles_no_bytecode_and_the_first_import_writes_it(
+    roots: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Eager compilation was most of a cold build: the experiment's Python compiles what it imports, into
+    the cached environment, and the recorded size follows on release (eviction counts it)."""
+    cache = make_cache(roots, root=tmp_path / "envs")
+
+    async def main() -> tuple[PythonEnv, int, list[Path]]:
+        async with cache.acquire("3.11", ["idna==3.7", *SIX], [], lambda line: None) as env:
+            site = next(env.path.glob("lib/python3.*/site-packages"))
+            assert (site / "idna" / "core.py").is_file() and not list(site.rglob("*.pyc"))
+            built_size = int((env.path / SIZE_FILE).read_text())
+            code = "import idna, six; print(idna.encode('bücher.de').decode(), six.__version__)"
+            as_experiment = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            for _ in range(2):  # the first run writes the bytecode, the second loads it
+                cmd = [str(env.python), "-c", code]
+                done = subprocess.run(cmd, env=as_experiment, capture_output=True, text=True, check=True)
+                assert done.stdout.strip() == "xn--bcher-kva.de 1.16.0"
+                written = list((site / "idna" / "__pycache__").glob("core.*.pyc"))
+                assert written and (site / "__pycache__").is_dir()  # six's too
+            return env, built_size, written
+
+    env, built_size, written = trio.run(main)
+    assert int((env.path / SIZE_FILE).read_text()) >= built_size + sum(p.stat().st_size for p in written)
+    assert not list(env.path.glob(f"{SIZE_FILE}.*"))  # the rewrite left no temporary file
 
 
 @slow
