@@ -85,8 +85,8 @@ class Runner:
     workdir: Path
     log: Path
     process: subprocess.Popen[bytes] | None = None
-    samples: list[tuple[float, float, int]] = field(default_factory=list)
-    """(elapsed s, RSS MB, open fds)."""
+    samples: list[tuple[float, float, int, int]] = field(default_factory=list)
+    """(elapsed s, RSS MB, open fds, pid)."""
     kills: int = 0
 
 
@@ -194,7 +194,8 @@ def soak(args: argparse.Namespace, rng: random.Random, seed: int, base: Path, qu
                 continue
             try:
                 p = psutil.Process(proc.pid)
-                runner.samples.append((time.monotonic() - t0, p.memory_info().rss / 1e6, p.num_fds()))
+                rss_mb = p.memory_info().rss / 1e6
+                runner.samples.append((time.monotonic() - t0, rss_mb, p.num_fds(), proc.pid))
             except psutil.Error:
                 pass
 
@@ -318,6 +319,12 @@ def soak(args: argparse.Namespace, rng: random.Random, seed: int, base: Path, qu
         print(f"runner {runner.index} RSS MB               at 1 min {rss[0]:.0f}, "
               f"median {statistics.median(rss):.0f}, last quarter max {max(rss[-quarter:]):.0f}, "
               f"peak {max(rss):.0f}  ({len(settled)} samples, 10 s apart, restarts included)")
+        series, last_pid, next_t = [], None, 0.0
+        for t, mb, _fds, pid in runner.samples:
+            if t >= next_t or pid != last_pid:
+                series.append(f"{t / 60:.0f}m{'*' if last_pid not in (None, pid) else ''}:{mb:.0f}")
+                next_t, last_pid = t + 120, pid
+        print(f"runner {runner.index} RSS series MB        {' '.join(series)}  (* = restarted after kill -9)")
         print(f"runner {runner.index} open files           at 1 min {fds[0]}, "
               f"median {statistics.median(fds):.0f}, last quarter max {max(fds[-quarter:])}, peak {max(fds)}")
     print(f"leftover processes           {len(leftover_procs)}")
