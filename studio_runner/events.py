@@ -158,7 +158,7 @@ class Registry:
 
     def __init__(self, host: str, bus: EventBus | None = None, keep_finished: int = 50) -> None:
         self.host = host
-        self.bus = bus or EventBus()
+        self.bus = bus if bus is not None else EventBus()
         self._live: dict[str, AttemptRecord] = {}
         self._finished: collections.deque[AttemptRecord] = collections.deque(maxlen=keep_finished)
 

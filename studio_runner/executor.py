@@ -76,7 +76,7 @@ class ExecutorSettings:
 class Executor:
     def __init__(self, settings: ExecutorSettings, registry: Registry | None = None) -> None:
         self.s = settings
-        self.registry = registry or Registry(settings.hostname)
+        self.registry = registry if registry is not None else Registry(settings.hostname)
         self.lifetime = Lifetime()
 
     @property
@@ -90,12 +90,19 @@ class Executor:
 
         ``last_attempt``: a runner-side fault now sets the message aside instead of handing it back, so this
         attempt's log is uploaded even when the experiment never started (the experimenter's only clue)."""
+        if record is None:  # run on its own (not by the supervisor): the record is ours to close
+            record = self.registry.claim(queue, "direct", request.experiment.key, attempt)
+            try:
+                outcome = await self.run(request, queue=queue, attempt=attempt, abort=abort, record=record,
+                                         last_attempt=last_attempt)
+                self.registry.finish(record, outcome)
+            finally:
+                self.registry.settle(record, None)
+            return outcome
         if self.s.allow_env_secrets:
             request = request.with_env_credentials()
         exp = request.experiment
-        abort = abort or Abort()
-        if record is None:
-            record = self.registry.claim(queue, "direct", exp.key, attempt)
+        abort = abort if abort is not None else Abort()
         self.registry.identify(record, exp.key, exp.project)
         bind_attempt(record)  # storage transfers made from this task on are counted against the attempt
         now = time.time()

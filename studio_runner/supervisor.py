@@ -99,8 +99,8 @@ class Supervisor:
         self.backends = backends
         self.executor = executor
         self.s = settings
-        self.registry = registry or Registry(hostname)
-        self.health = health or StorageHealth()
+        self.registry = registry if registry is not None else Registry(hostname)
+        self.health = health if health is not None else StorageHealth()
         self.results: collections.deque[Outcome] = collections.deque(maxlen=max(1, settings.keep_results))
         self.status_counts: Counter[Status] = Counter()
         self._held: dict[str, _Held] = {}

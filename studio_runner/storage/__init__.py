@@ -233,7 +233,7 @@ class Stores:
         *, health: StorageHealth | None = None, on_transfer: TransferCallback | None = None,
     ) -> None:
         self.options = StoreOptions(dict(s3_options or {}), local_roots)
-        self.health = health or StorageHealth()
+        self.health = health if health is not None else StorageHealth()
         self._on_transfer = on_transfer
         self._backends: dict[str, ObjectStore] = {}
 
