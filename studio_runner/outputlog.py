@@ -36,7 +36,9 @@ class OutputLog:
         self._scraper = scraper
         self._on_line = on_line
         self._file: IO[str] | None = open(path, "a", encoding="utf-8", errors="replace")
-        self._logger = logging.getLogger(f"studio_runner.experiment.{key[:40]}")
+        # one logger for all experiments: a logger per key would stay in logging's registry forever
+        self._logger = logging.getLogger("studio_runner.experiment")
+        self._key = key[:40]
         self.failure: RunnerError | None = None
         """Why the log could not be written (disk full, I/O error); None while it works."""
         self.broken = trio.Event()
@@ -72,7 +74,7 @@ class OutputLog:
 
     def _emit(self, masked: str) -> None:
         self._scraper.feed(masked)
-        self._logger.debug("%s", masked)
+        self._logger.debug("%s: %s", self._key, masked)
         if self._on_line is not None:
             self._on_line(masked)
         if self._file is not None:

@@ -113,3 +113,15 @@ def test_an_output_log_that_cannot_be_written_breaks_cleanly(tmp_path: Path) -> 
     assert log.broken.is_set() and log.failure is not None and not isinstance(log.failure, DiskFull)
     log.note("more after the failure")
     log.close()
+
+
+def test_output_logs_do_not_leave_a_logger_per_experiment(tmp_path: Path) -> None:
+    """logging keeps every named logger forever: a runner that runs for months must not make one per key."""
+    import logging
+
+    before = len(logging.Logger.manager.loggerDict)
+    for n in range(50):
+        log = OutputLog(tmp_path / f"e{n}" / "output", Redactor(), metadata.MetadataScraper(), f"key-{n}")
+        log.write("a line")
+        log.close()
+    assert len(logging.Logger.manager.loggerDict) <= before + 1
