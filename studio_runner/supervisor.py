@@ -22,7 +22,6 @@ import logging
 import re
 import signal
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -102,7 +101,6 @@ class Supervisor:
         self.registry = registry if registry is not None else Registry(hostname)
         self.health = health if health is not None else StorageHealth()
         self.results: collections.deque[Outcome] = collections.deque(maxlen=max(1, settings.keep_results))
-        self.status_counts: Counter[Status] = Counter()
         self._held: dict[str, _Held] = {}
         self._running = 0
         self._queues: list[tuple[QueueBackend, str]] = []
@@ -351,7 +349,6 @@ class Supervisor:
             outcome.reason = f"{outcome.reason} (gave up after {delivery.attempt} attempts)"
         outcome.action = action
         self.results.append(outcome)
-        self.status_counts[outcome.status] += 1
         summary = f"{outcome.status} in {outcome.seconds:.1f}s" + (f": {outcome.reason}" if outcome.reason
                                                                     else "")
         level = logging.INFO if outcome.status in (Status.SUCCESS, Status.DEFERRED) else logging.WARNING

@@ -57,7 +57,8 @@ def test_only_fully_restored_artifacts_of_a_run_are_written_back(setup) -> None:
     assert not (store / "k" / "modeldir.tar").exists()
     with tarfile.open(store / "k" / "output.tar") as tar:
         assert b"a line" in tar.extractfile("output").read()  # type: ignore[union-attr]
-    assert (store / "metadata" / "scrape-host-x.json").exists() or sync.metadata_url is None
+    assert (store / "metadata" / "scrape-host-x.json").exists()
+    assert sync.metadata_url == f"file://{store}/metadata/scrape-host-x.json"
 
 
 def test_the_final_upload_is_retried_within_its_window(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
