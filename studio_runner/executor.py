@@ -36,7 +36,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
 from studio_runner import artifacts, launch, metadata, process
 from studio_runner.attempt import Abort, Action, Outcome, Phase, Status, StopCause
 from studio_runner.envs import EnvCache
-from studio_runner.errors import DiskFull, Disposition, RequestExpired, RunnerError, is_disk_full
+from studio_runner.errors import Disposition, RequestExpired, RunnerError
 from studio_runner.events import AttemptRecord, Registry, bind_attempt
 from studio_runner.outputlog import OutputLog
 from studio_runner.policies import Backoff, Checkpoints, Deadline, Lifetime
@@ -117,15 +117,13 @@ class Executor:
         try:
             expdir = await trio.to_thread.run_sync(self._make_expdir, exp.key)
         except OSError as exc:
-            outcome.reason = str(DiskFull(f"cannot create the experiment directory: {exc}")
-                                 if is_disk_full(exc) else f"cannot create the experiment directory: {exc}")
+            outcome.reason = f"cannot create the experiment directory: {exc}"  # e.g. ENOSPC: a fault
             outcome.finished = time.time()
             return outcome
         try:
             attempt_run = _Attempt(self, request, expdir, outcome, record, abort, last_attempt)
         except OSError as exc:  # the output log cannot even be created
-            outcome.reason = str(DiskFull(f"cannot start the output log: {exc}") if is_disk_full(exc)
-                                 else f"cannot start the output log: {exc}")
+            outcome.reason = f"cannot start the output log: {exc}"
             await trio.to_thread.run_sync(shutil.rmtree, expdir, True)
             outcome.finished = time.time()
             return outcome
@@ -255,10 +253,6 @@ class _Attempt:
             except RunnerError as exc:
                 self.output.write("failed when downloading user data")
                 self.output.note(f"artifact {label!r}: {exc}")
-                raise
-            except OSError as exc:
-                if is_disk_full(exc):
-                    raise DiskFull(f"no space left while placing artifact {label!r}: {exc}") from exc
                 raise
             if artifact.mutable:
                 self.sync.mark_restored(label)

@@ -115,11 +115,6 @@ class Supervisor:
         """Messages occupying a slot now (claimed and not yet finished running and uploading)."""
         return self._running
 
-    @property
-    def held(self) -> int:
-        """Messages in our hands, including those waiting out a back-off."""
-        return len(self._held)
-
     def shutdown(self, hard: bool = False) -> None:
         """Stop taking work; with ``hard`` (or after --drain-timeout) stop running experiments and hand
         their messages back; messages waiting out a back-off are handed back at once."""
