@@ -101,15 +101,6 @@ def scheme_of(url: str) -> str:
     return match.group(1).lower()
 
 
-def url_kind(url: str) -> str:
-    """The backend kind serving ``url`` (``local``, ``http``, ``s3``, ...); StorageError when none does."""
-    scheme = scheme_of(url)
-    registration = _SCHEMES.get(scheme)
-    if registration is None:
-        raise StorageError(f"unsupported locator scheme {scheme!r} in {redact_url(url)!r}")
-    return registration.kind
-
-
 def endpoint_of(url: str) -> str:
     """What an outage is about: ``s3://host:port``, ``https://host``, or ``local`` for file locators."""
     try:
@@ -237,10 +228,6 @@ class Stores:
         self._on_transfer = on_transfer
         self._backends: dict[str, ObjectStore] = {}
 
-    @property
-    def s3_options(self) -> dict[str, Any]:
-        return self.options.s3
-
     def for_url(self, url: str) -> ObjectStore:
         """The backend for ``url``; raises StorageError for unsupported schemes (gs://, dockerhub://...)."""
         registration = _SCHEMES.get(scheme_of(url))
@@ -254,4 +241,4 @@ class Stores:
 
 
 __all__ = ["Credentials", "ObjectInfo", "ObjectStore", "StorageHealth", "StoreOptions", "Stores",
-           "endpoint_of", "redact_url", "register_scheme", "scheme_of", "url_kind"]
+           "endpoint_of", "redact_url", "register_scheme", "scheme_of"]
