@@ -85,8 +85,8 @@ def daemonize(pidfile):
     if child == 0:
         os.setsid()
         if os.fork() == 0:
+            print("daemon running", flush=True)  # before the pid file: the parent's line must come after it
             write_pid(pidfile)
-            print("daemon running", flush=True)
             time.sleep(120)
         os._exit(0)
     os.waitpid(child, 0)
