@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                               description="Serve queues and run experiments until stopped (SIGINT/SIGTERM: "
                               "stop taking work; a second signal stops running experiments, which are "
                               "handed back to their queue).")
-    run.add_argument("--once", action="store_true", help="exit when every served queue is empty")
+    run.add_argument("--once", action="store_true",
+                     help="exit when every served queue is empty (or holds only work that does not fit); "
+                     "exit status 1 when an experiment that ran did not succeed")
     config.add_option_flags(run)
 
     submit = commands.add_parser("submit", help="queue a script like `studio run` does in local mode",
@@ -58,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="environment variable for the experiment (repeatable)")
     submit.add_argument("--max-duration", help="stop the experiment after this long (e.g. 20m)")
     submit.add_argument("--lifetime", help="discard the request if not started within this long")
+    submit.add_argument("--cpus", type=int, default=1, help="cores to reserve (default: 1)")
+    submit.add_argument("--ram", default="1g", help="RAM to reserve (default: 1g)")
+    submit.add_argument("--hdd", default="2g", help="scratch disk to reserve (default: 2g)")
+    submit.add_argument("--gpus", type=int, default=0, help="GPU slots per card (default: 0, no GPU)")
+    submit.add_argument("--gpu-mem", help="least memory of each card (e.g. 16GiB)")
+    submit.add_argument("--gpu-count", type=int, help="number of cards (default: one when --gpus is set)")
     submit.add_argument("--queue-root", type=Path, help="local queue root (default: $STUDIOML_HOME/queue)")
     submit.add_argument("--storage-root", type=Path,
                         help="local object store (default: $STUDIOML_HOME/storage/studioml)")
@@ -115,7 +123,8 @@ def _run(args: argparse.Namespace) -> int:
     async def serve() -> int:
         async with runtime.open_runner(settings) as supervisor:
             outcomes = await supervisor.run(once=args.once, handle_signals=True)
-        return 0 if all(o.status is Status.SUCCESS for o in outcomes) or not args.once else 1
+        ran = [o for o in outcomes if o.status is not Status.DEFERRED]  # released untried: not a result
+        return 0 if all(o.status is Status.SUCCESS for o in ran) or not args.once else 1
 
     return trio.run(serve)
 
@@ -134,7 +143,8 @@ def _submit(args: argparse.Namespace) -> int:
     request = submit(Submission(
         script=args.script, args=args.args, queue=args.queue, experiment=args.experiment,
         project=args.project, python_packages=args.python_pkg, env=env, max_duration=args.max_duration,
-        lifetime=args.lifetime,
+        lifetime=args.lifetime, cpus=args.cpus, ram=args.ram, hdd=args.hdd, gpus=args.gpus,
+        gpu_mem=args.gpu_mem, gpu_count=args.gpu_count,
     ), queue_root, storage_root)
     print(f"submitted {request['experiment']['key']} to {queue_root / args.queue}")
     return 0

@@ -261,9 +261,27 @@ OPTIONS: tuple[Option, ...] = (
            doc_default=""),
     Option("disk-reserve", units.parse_size, "1GiB",
            "Free space always kept on the working directory's filesystem: a request is taken only when its "
-           "hdd (plus what running experiments reserved) fits on top of this.", "size"),
-    # -- lifecycle policies
-    Option("max-running", _positive_int, "1", "How many experiments this runner runs at once.", "int"),
+           "hdd (plus what running experiments reserved) fits on top of this. (The Go runner's --max-disk "
+           "meant this; here --max-disk is a cap.)", "size"),
+    # -- resources
+    Option("max-cores", _int, "0",
+           "Cores this runner hands out to experiments (0: every core it may use, after CPU affinity and a "
+           "container's CPU quota). More than the machine has is a start-up error.", "int",
+           go_env="MAX_CORES"),
+    Option("max-mem", units.parse_size, "0",
+           "RAM this runner hands out (0: what is available at start-up, bounded by a container's memory "
+           "limit). More than that is a start-up error.", "size", go_env="MAX_MEM"),
+    Option("max-disk", units.parse_size, "0",
+           "Disk under --working-dir this runner hands out to experiments in total (0: as free space "
+           "allows, minus --disk-reserve).", "size", go_env="MAX_DISK"),
+    Option("cpu-only", _bool, "false",
+           "Use no GPU: NVML is not even loaded, requests that ask for a GPU are left to other runners.",
+           "bool", go_env="CPU_ONLY"),
+    Option("gpu-fake", _optional_path, "",
+           "A JSON file describing GPU cards to use instead of NVML (for tests and demos: allocation, "
+           "packing and release without a GPU). See studio_runner/gpus/fake.py for the format.", "path"),
+    Option("max-running", _int, "0",
+           "Experiments at once at most; 0: as many as their cores, RAM, disk and GPUs allow.", "int"),
     Option("max-attempts", _int, "3",
            "Attempts per message for runner-side failures before it is set aside.", "int"),
     Option("retry-delay", units.parse_duration, "10s",

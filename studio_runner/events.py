@@ -45,6 +45,17 @@ class AttemptRecord:
     bytes_downloaded: int = 0
     bytes_uploaded: int = 0
     pid: int | None = None
+    cores: int = 0
+    """Cores reserved for the attempt (0 until admitted)."""
+    ram: int = 0
+    gpus: str = ""
+    """The cards it was given (``CUDA_VISIBLE_DEVICES``), empty for none."""
+    cpu_percent: float = 0.0
+    """CPU of its process tree over the last sample, in percent of one core."""
+    rss: int = 0
+    """Resident memory of its process tree at the last sample."""
+    pids: set[int] = field(default_factory=set)
+    """Every process id its tree ran (GPU cards are released once none of them holds memory)."""
     status: Status | None = None
     action: Action | None = None
     reason: str = ""
@@ -204,6 +215,13 @@ class Registry:
     def output(self, record: AttemptRecord, text: str) -> None:
         if self.bus.has_subscribers:
             self.bus.publish(OutputLine(record, text))
+
+    def reserved(self, record: AttemptRecord, cores: int, ram: int, gpus: str) -> None:
+        record.cores, record.ram, record.gpus = cores, ram, gpus
+
+    def usage(self, record: AttemptRecord, cpu_percent: float, rss: int, pids: set[int]) -> None:
+        record.cpu_percent, record.rss = cpu_percent, rss
+        record.pids |= pids
 
     def transferred(self, record: AttemptRecord, direction: str, nbytes: int, url: str) -> None:
         if direction == "down":

@@ -41,14 +41,20 @@ from studio_runner.events import AttemptRecord, Registry, bind_attempt
 from studio_runner.outputlog import OutputLog
 from studio_runner.policies import Backoff, Checkpoints, Deadline, Lifetime
 from studio_runner.redact import Redactor
-from studio_runner.request import Request
+from studio_runner.request import Artifact, Request
+from studio_runner.resources import Reservation
 from studio_runner.storage import Stores
 from studio_runner.sync import ArtifactSync
+from studio_runner.usage import TreeSampler
 
 log = logging.getLogger("studio_runner.executor")
 
 PIPE_DRAIN_TIMEOUT = 5.0
 """After the process tree is gone, how long to wait for the rest of its output to be read."""
+DOWNLOAD_CONCURRENCY = 4
+"""Inputs of one attempt fetched at once: most mutable ones do not exist yet, each miss a round trip."""
+USAGE_INTERVAL = 2.0
+"""Seconds between samples of an experiment's CPU and RSS (psutil walks its whole process tree)."""
 
 
 @dataclass
@@ -85,16 +91,19 @@ class Executor:
         return self.s.deadline.cap_seconds
 
     async def run(self, request: Request, *, queue: str = "", attempt: int = 1, abort: Abort | None = None,
-                  record: AttemptRecord | None = None, last_attempt: bool = False) -> Outcome:
+                  record: AttemptRecord | None = None, last_attempt: bool = False,
+                  reservation: Reservation | None = None) -> Outcome:
         """Run one attempt of ``request``. Never raises for experiment or runner faults: see Outcome.
 
         ``last_attempt``: a runner-side fault now sets the message aside instead of handing it back, so this
-        attempt's log is uploaded even when the experiment never started (the experimenter's only clue)."""
+        attempt's log is uploaded even when the experiment never started (the experimenter's only clue).
+        ``reservation``: what the ledger gave it (thread counts follow its cores; it sees only its cards);
+        without one (run directly, not by the supervisor) it gets the cores it asked for and no GPU."""
         if record is None:  # run on its own (not by the supervisor): the record is ours to close
             record = self.registry.claim(queue, "direct", request.experiment.key, attempt)
             try:
                 outcome = await self.run(request, queue=queue, attempt=attempt, abort=abort, record=record,
-                                         last_attempt=last_attempt)
+                                         last_attempt=last_attempt, reservation=reservation)
                 self.registry.finish(record, outcome)
             finally:
                 self.registry.settle(record, None)
@@ -121,7 +130,7 @@ class Executor:
             outcome.finished = time.time()
             return outcome
         try:
-            attempt_run = _Attempt(self, request, expdir, outcome, record, abort, last_attempt)
+            attempt_run = _Attempt(self, request, expdir, outcome, record, abort, last_attempt, reservation)
         except OSError as exc:  # the output log cannot even be created
             outcome.reason = f"cannot start the output log: {exc}"
             await trio.to_thread.run_sync(shutil.rmtree, expdir, True)
@@ -148,8 +157,10 @@ class _Attempt:
     """The state of one attempt while it runs; ``run`` reads as the lifecycle."""
 
     def __init__(self, executor: Executor, request: Request, expdir: Path, outcome: Outcome,
-                 record: AttemptRecord, abort: Abort, last_attempt: bool) -> None:
+                 record: AttemptRecord, abort: Abort, last_attempt: bool,
+                 reservation: Reservation | None = None) -> None:
         self.s = executor.s
+        self.reservation = reservation
         self.last_attempt = last_attempt
         self.registry = executor.registry
         self.request = request
@@ -242,20 +253,34 @@ class _Attempt:
             await self._run_process(env.path, env.python)
 
     async def _download(self) -> None:
+        """Fetch every input, DOWNLOAD_CONCURRENCY at once. A failure cancels the other fetches (nothing runs
+        after a failed download) and is reported and raised as itself (the first in label order)."""
         exp = self.request.experiment
         budget = artifacts.DiskBudget.for_request(exp.resources.hdd, self.expdir)
-        for label, artifact in sorted(exp.artifacts.items()):
-            if label == "output":  # output/output is this attempt's own log, already open (Go truncates it)
-                continue
-            try:
-                await artifacts.fetch_artifact(artifact, self.expdir, self.s.stores, budget,
-                                               cache=None if artifact.mutable else self.s.artifact_cache)
-            except RunnerError as exc:
-                self.output.write("failed when downloading user data")
-                self.output.note(f"artifact {label!r}: {exc}")
-                raise
+        limiter = trio.CapacityLimiter(DOWNLOAD_CONCURRENCY)
+        failures: dict[str, RunnerError] = {}
+
+        async def fetch(label: str, artifact: Artifact, cancel_scope: trio.CancelScope) -> None:
+            async with limiter:
+                try:
+                    await artifacts.fetch_artifact(artifact, self.expdir, self.s.stores, budget,
+                                                   cache=None if artifact.mutable else self.s.artifact_cache)
+                except RunnerError as exc:
+                    failures[label] = exc
+                    cancel_scope.cancel()
+                    return
             if artifact.mutable:
                 self.sync.mark_restored(label)
+
+        async with trio.open_nursery() as nursery:
+            for label, artifact in sorted(exp.artifacts.items()):
+                if label != "output":  # output/output is this attempt's own log, already open (Go truncates)
+                    nursery.start_soon(fetch, label, artifact, nursery.cancel_scope)
+        if failures:
+            label = min(failures)
+            self.output.write("failed when downloading user data")
+            self.output.note(f"artifact {label!r}: {failures[label]}")
+            raise failures[label]
 
     async def _run_process(self, venv: Path, python: Path) -> None:
         request, output = self.request, self.output
@@ -263,8 +288,11 @@ class _Attempt:
         argv = launch.command_line(python, exp.filename, exp.args)
         tmpdir = self.expdir / "_runner" / "tmp"
         tmpdir.mkdir(parents=True, exist_ok=True)
-        env = launch.experiment_environment(os.environ, request, venv, self.expdir, self.s.root, tmpdir,
-                                            self.s.pass_env)
+        reservation = self.reservation
+        env = launch.experiment_environment(
+            os.environ, request, venv, self.expdir, self.s.root, tmpdir, self.s.pass_env,
+            gpu_env=reservation.gpu_env if reservation else None,
+            cores=reservation.cores if reservation else max(1, exp.resources.cpus))
         expanded = launch.expanded_secrets(request, env)
         if expanded:  # %NAME% pulled a secret from the runner's environment: mask it too
             self.redactor = Redactor([*request.secrets(), *self.s.runner_secrets, *expanded],
@@ -285,6 +313,7 @@ class _Attempt:
                 pumped = trio.Event()
                 nursery.start_soon(_pump, proc, output, pumped)
                 nursery.start_soon(self.sync.periodically, interval)
+                nursery.start_soon(self._sample_usage, proc)
                 with trio.move_on_at(trio.current_time() + max(0.0, deadline - time.time())) as timer:
                     async with trio.open_nursery() as waiters:
                         waiters.start_soon(_cancel_when_set, self.abort.event, waiters.cancel_scope)
@@ -309,6 +338,14 @@ class _Attempt:
         finally:
             await proc.stop(self.s.grace_period)  # shielded inside: also runs when we are cancelled
         self._record_exit(proc, cause, timed_out, started)
+
+    async def _sample_usage(self, proc: process.ExperimentProcess) -> None:
+        """CPU and RSS of the experiment's tree every few seconds (live figures), and every pid it ran."""
+        sampler = TreeSampler(*proc.tree_root)
+        while True:
+            cpu, rss = await trio.to_thread.run_sync(sampler.sample)
+            self.registry.usage(self.record, cpu, rss, sampler.pids)
+            await trio.sleep(USAGE_INTERVAL)
 
     def _record_exit(self, proc: process.ExperimentProcess, cause: StopCause | None, timed_out: str,
                      started: float) -> None:

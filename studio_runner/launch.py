@@ -18,6 +18,7 @@ from pathlib import Path
 
 from studio_runner.redact import is_secret_name
 from studio_runner.request import Request
+from studio_runner.resources import thread_settings
 
 BASE_VARIABLES = (
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TERM",
@@ -25,6 +26,10 @@ BASE_VARIABLES = (
 )
 """Taken from the runner's environment when set (proxy passwords are masked in the output like any URL
 password). Everything else needs ``--pass-env``."""
+
+NO_GPU = {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": ""}
+"""What an experiment given no card sees: CUDA enumerates no device for an empty list (the Go runner wrote
+``-1``, which some frameworks log as an error)."""
 
 _PERCENT = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
 _DOLLAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
@@ -51,10 +56,14 @@ def expand_value(value: str, runner_env: Mapping[str, str], composed: Mapping[st
 
 def experiment_environment(runner_env: Mapping[str, str], request: Request, venv: Path, expdir: Path,
                            root: Path, tmpdir: Path, pass_env: Iterable[str] = (),
-                           gpus: str = "") -> dict[str, str]:
+                           gpu_env: Mapping[str, str] | None = None, cores: int = 1) -> dict[str, str]:
     """The experiment's whole environment: base ▸ ``--pass-env`` ▸ ``config.env`` ▸ the runner's own
-    variables (STUDIOML_*, TMPDIR, GPU and thread settings), with the venv's ``bin`` first on PATH whatever
-    ``config.env`` says."""
+    variables (STUDIOML_*, TMPDIR, GPU settings), with the venv's ``bin`` first on PATH whatever
+    ``config.env`` says.
+
+    ``gpu_env`` names the cards the experiment was given (``CUDA_VISIBLE_DEVICES``...); without it every card
+    is hidden, so a GPU the ledger did not hand out is never used. Thread counts (``OMP_NUM_THREADS``...)
+    follow the ``cores`` reserved unless ``config.env`` sets them: the experimenter may know better."""
     env = {name: runner_env[name] for name in (*BASE_VARIABLES, *pass_env) if name in runner_env}
     env["VIRTUAL_ENV"] = str(venv)
     venv_bin = str(venv / "bin")
@@ -66,18 +75,14 @@ def experiment_environment(runner_env: Mapping[str, str], request: Request, venv
         "STUDIOML_HOME": str(root),
         "TMPDIR": str(tmpdir),
         "PYTHONUNBUFFERED": "1",
-        # "" hides every card (the issue's choice; Go wrote -1): GPUs are allocated by the resources work
-        "CUDA_VISIBLE_DEVICES": gpus,
-        "NVIDIA_VISIBLE_DEVICES": gpus,
+        **(gpu_env if gpu_env else NO_GPU),
     })
     env.pop("STUDIOML_ARTIFACT_MAPPING", None)
     env.pop("PYTHONHOME", None)
     env["PATH"] = _venv_first(venv_bin, env["PATH"])
-    cpus = request.experiment.resources.cpus
-    if cpus > 1:
-        threads = str(cpus - 1)
-        env.update({"OPENMP": "True", "MKL_NUM_THREADS": threads, "GOTO_NUM_THREADS": threads,
-                    "OMP_NUM_THREADS": threads})
+    for name, value in thread_settings(cores).items():
+        if name not in request.config.env:
+            env[name] = value
     return env
 
 

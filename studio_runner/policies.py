@@ -7,14 +7,11 @@ artifacts saved, and what happens to its message after an outcome.
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from studio_runner.errors import RequestExpired
 from studio_runner.request import Request
-from studio_runner.units import format_size
 
 
 @dataclass(frozen=True)
@@ -102,29 +99,3 @@ class Retries:
     def delay(self, attempt: int) -> float:
         """How long to hold the message after failed attempt ``attempt`` before handing it back."""
         return self.backoff.delay(attempt)
-
-
-@dataclass(frozen=True)
-class DiskAdmission:
-    """Take a request only when the working directory's filesystem has room for its ``hdd`` (or
-    ``default_need`` when it names none) on top of what running attempts reserved, plus ``reserve``."""
-
-    working_dir: Path
-    reserve: int
-    default_need: int = 0
-
-    def need(self, request: Request) -> int:
-        return request.experiment.resources.hdd or self.default_need
-
-    def refusal(self, request: Request, reserved: int) -> str | None:
-        """Why the request does not fit now, or None when it does."""
-        try:
-            free = shutil.disk_usage(self.working_dir).free
-        except OSError as exc:
-            return f"cannot check free space in {self.working_dir}: {exc}"
-        need = self.need(request)
-        if free - reserved - self.reserve >= need:
-            return None
-        return (f"needs {format_size(need)} of disk; {format_size(max(0, free - reserved))} free in "
-                f"{self.working_dir} after running experiments' reservations, and "
-                f"{format_size(self.reserve)} is kept in reserve")

@@ -105,6 +105,12 @@ class ExperimentProcess:
                 self._poll_status()
         return self._returncode
 
+    @property
+    def tree_root(self) -> tuple[int, bool]:
+        """``(pid, counts_itself)``: the process whose descendants are the experiment's tree, and whether
+        that process is itself part of the experiment (no reaper) or not (the reaper)."""
+        return self._proc.pid, not self.supervised
+
     # -- the public API -----------------------------------------------------------------------------------
 
     async def wait(self) -> int:

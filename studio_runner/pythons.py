@@ -7,6 +7,10 @@ experiment. A matching interpreter is chosen only if uv can use it (``uv python 
 way ``uv venv`` will): pyenv's 2.7, a broken build or anything else uv refuses would only fail the attempt.
 Without a usable match the runner's own interpreter is used and the mismatch explained in a note (spec
 README, "Python version"), or ``InterpreterNotFound`` with ``strict``.
+
+Discovery takes about half a second (probes and ``uv python find``): :func:`warm_up` does it at runner
+start-up for the version experiments ask most (the runner's own ``major.minor``, which is what a client on the
+same Python sends), so the first experiment finds the answer remembered.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +32,7 @@ from studio_runner.errors import InterpreterNotFound
 _VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)")
 _REQUEST_RE = re.compile(r"^\d+(\.\d+){0,2}$")
 _PROBE = "import platform; print(platform.python_version())"
+_PROBES_AT_ONCE = 8
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,9 @@ def _discover(
     if len(wanted) < 2 and _matches(default.version, wanted):
         return default, ""
     candidates = [(default.path, default.version)]
-    candidates += [(p, v) for p in _local_candidates(search_paths) if (v := _probe(p))]
+    local = _local_candidates(search_paths)
+    with ThreadPoolExecutor(max_workers=_PROBES_AT_ONCE) as pool:  # each probe is an interpreter start-up
+        candidates += [(p, v) for p, v in zip(local, pool.map(_probe, local), strict=True) if v]
     matching = [(p, v) for p, v in candidates if _matches(v, wanted)]
     if uv and (not matching or len(wanted) < 3):
         found = _uv_find(uv, request, allow_downloads and not matching)
@@ -209,6 +217,25 @@ def resolve_uv(uv_bin: str | None = None) -> str | None:
         return find_uv_bin()
     except (ImportError, FileNotFoundError):
         return shutil.which("uv")
+
+
+def runner_version() -> str:
+    """The runner's own ``major.minor``: what a client running the same Python sends as ``pythonver``."""
+    return f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def warm_up(
+    pythonvers: Sequence[str],
+    search_paths: Sequence[Path] = (),
+    allow_downloads: bool = False,
+    *,
+    uv_bin: str | None = None,
+) -> None:
+    """Discover the interpreters for ``pythonvers`` now (blocking), with the arguments the environment cache
+    will pass, so later :func:`find_interpreter` calls for them are a dict lookup. Strictness is applied after
+    discovery, so it does not matter here; nothing is raised for a version that has no match."""
+    for pythonver in pythonvers:
+        find_interpreter(pythonver, search_paths, allow_downloads, uv_bin=uv_bin)
 
 
 def find_interpreter(

@@ -2,6 +2,9 @@
 
 Kept apart from the CLI so tests, the demo and benchmarks assemble exactly what ``studio-runner run`` does.
 Event subscribers (metrics, status pages, the TUI) attach to ``supervisor.registry.bus``.
+
+Start-up also begins what the first experiment would otherwise pay for (:func:`start_warm_up`: storage
+clients and the interpreter discovery, about a second in all), in the background.
 """
 
 from __future__ import annotations
@@ -9,27 +12,32 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
 import trio
 
+from studio_runner import pythons
 from studio_runner.config import Settings
 from studio_runner.envs import EnvCache
 from studio_runner.events import Registry, current_attempt
 from studio_runner.executor import Executor, ExecutorSettings
+from studio_runner.gpus import GpuPool, open_gpu_backend, visible_from_environ
 from studio_runner.logs import configure_logging
-from studio_runner.policies import Backoff, Checkpoints, Deadline, DiskAdmission, Retries
+from studio_runner.policies import Backoff, Checkpoints, Deadline, Retries
 from studio_runner.queues.base import QueueBackend
 from studio_runner.redact import runner_secrets
+from studio_runner.resources import Ledger, host_capacity
 from studio_runner.storage import StorageHealth, Stores
 from studio_runner.supervisor import IntakeSettings, Supervisor
 from studio_runner.sweep import claim_root, release_root, sweep_dead_roots
+from studio_runner.units import format_size
 
 log = logging.getLogger("studio_runner")
 
-__all__ = ["build_backends", "build_stores", "configure_logging", "open_runner"]
+__all__ = ["build_backends", "build_stores", "configure_logging", "open_runner", "start_warm_up"]
 
 
 def build_backends(settings: Settings, runner_id: str) -> list[QueueBackend]:
@@ -64,6 +72,58 @@ def build_stores(settings: Settings, registry: Registry | None = None,
     return Stores(s3_options=s3_options, health=health, on_transfer=count)
 
 
+def build_ledger(settings: Settings) -> Ledger:
+    """The machine's cores, RAM, disk and GPUs as the options bound them; logged once at start-up."""
+    capacity = host_capacity(settings.max_cores, settings.max_mem, settings.max_disk, settings.disk_reserve)
+    backend = open_gpu_backend(settings.cpu_only, str(settings.gpu_fake) if settings.gpu_fake else None,
+                               visible_from_environ(os.environ))
+    pool = GpuPool(backend)
+    ledger = Ledger(capacity, settings.working_dir, pool)
+    log.info("resources: %s", ledger.describe())
+    gpus = pool.snapshot()
+    if pool.reason:
+        log.info("GPUs: %s; only CPU work is taken", pool.reason)
+    for card in gpus.cards:
+        log.info("GPU %d %s (%s): %s memory, %d slot(s)%s", card.index, card.name, card.uuid,
+                 format_size(card.memory_total), card.slots, ", fenced (ECC errors)" if card.fenced else "")
+    return ledger
+
+
+def expected_storage(settings: Settings) -> tuple[str, ...]:
+    """The storage kinds this runner's experiments will most likely use, the costliest to prepare first: S3
+    (and plain http inputs) behind a broker, as in the reference deployment, or when S3 TLS material is
+    configured; else local files only (StudioML's local mode), for which loading boto3 would cost 35 MB of
+    memory for nothing."""
+    if settings.amqp_url or settings.s3_ca or settings.s3_cert:
+        return ("s3", "http", "local")
+    return ("local",)
+
+
+def start_warm_up(stores: Stores, settings: Settings) -> list[threading.Thread]:
+    """Start creating the storage backends this runner expects to use (boto3's S3 model, the TLS context)
+    and discovering the interpreter for its own Python version, in background threads; returns them.
+
+    Start-up does not wait: the broker connects and the first message is taken meanwhile, and an
+    experiment that needs a piece before it is ready waits for that piece alone (the same locks), never
+    builds it twice. Failures are logged, never fatal: the first experiment that needs the piece retries."""
+
+    def interpreters() -> None:
+        try:
+            pythons.warm_up([pythons.runner_version()], settings.python_search_path,
+                            settings.python_downloads)
+        except Exception as exc:
+            log.warning("interpreter discovery at start-up failed (the first experiment retries): %s", exc)
+
+    threads = [
+        threading.Thread(target=stores.warm_up, args=(expected_storage(settings),), daemon=True,
+                         name="warm-up storage"),
+        threading.Thread(target=interpreters, daemon=True, name="warm-up interpreters"),
+    ]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 @asynccontextmanager
 async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
     """A Supervisor wired from ``settings``; its runner root is removed on exit (kept with --debug).
@@ -73,6 +133,10 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
     """
     for warning in settings.warnings:
         log.warning("%s", warning)
+    registry = Registry(settings.hostname)
+    health = StorageHealth()
+    stores = build_stores(settings, registry, health)
+    start_warm_up(stores, settings)  # first, so that it is done by the time the first message arrives
     runner_id = f"{settings.hostname}-{os.getpid()}-{secrets.token_hex(3)}"
     root = await trio.to_thread.run_sync(partial(claim_root, settings.working_dir, runner_id,
                                                  keep=settings.debug))
@@ -90,10 +154,9 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
         from studio_runner.cache import ArtifactCache
 
         artifact_cache = ArtifactCache(settings.cache_dir, settings.cache_size)
-    registry = Registry(settings.hostname)
-    health = StorageHealth()
+    ledger = build_ledger(settings)
     executor = Executor(ExecutorSettings(
-        root=root, hostname=settings.hostname, stores=build_stores(settings, registry, health),
+        root=root, hostname=settings.hostname, stores=stores,
         env_cache=env_cache, artifact_cache=artifact_cache,
         deadline=Deadline(settings.max_lifetime),
         checkpoints=Checkpoints(settings.min_checkpoint_interval, settings.default_checkpoint_interval),
@@ -107,8 +170,7 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
         poll_interval=settings.poll_interval, rescan_interval=settings.rescan_interval,
         abort_check_interval=settings.abort_check_interval, drain_timeout=settings.drain_timeout,
         retries=Retries(settings.max_attempts, Backoff(settings.retry_delay, settings.retry_delay_max)),
-        admission=DiskAdmission(settings.working_dir, settings.disk_reserve),
-        max_running=settings.max_running,
+        ledger=ledger, max_running=settings.max_running,
     )
     try:
         for backend in backends:  # connect early so configuration mistakes show at start-up

@@ -41,6 +41,19 @@ class Submission:
     cpus: int = 1
     ram: str = "1g"
     hdd: str = "2g"
+    gpus: int = 0
+    """GPU slots per card (spec/resources.md §3); with no ``gpu_count``, one card."""
+    gpu_mem: str | None = None
+    gpu_count: int | None = None
+
+    def resources(self) -> dict[str, object]:
+        """``resources_needed`` as the client writes it (gpuMem and gpuCount only when given)."""
+        needed: dict[str, object] = {"cpus": self.cpus, "ram": self.ram, "hdd": self.hdd, "gpus": self.gpus}
+        if self.gpu_mem:
+            needed["gpuMem"] = self.gpu_mem
+        if self.gpu_count is not None:
+            needed["gpuCount"] = self.gpu_count
+        return needed
 
 
 def store_url(store_root: Path, key: str) -> str:
@@ -87,7 +100,7 @@ def build_request(sub: Submission, store_root: Path, workspace_key: str) -> dict
         "queue": "local",
         "saveWorkspaceFrequency": sub.save_workspace_frequency,
         "env": dict(sub.env),
-        "resources_needed": {"cpus": sub.cpus, "ram": sub.ram, "hdd": sub.hdd, "gpus": 0},
+        "resources_needed": sub.resources(),
     }
     if sub.lifetime:
         config["experimentLifetime"] = sub.lifetime
@@ -99,7 +112,7 @@ def build_request(sub: Submission, store_root: Path, workspace_key: str) -> dict
             "pythonenv": list(sub.python_packages),
             "project": sub.project,
             "pythonver": "{}.{}".format(*sys.version_info[:2]),
-            "resources_needed": {"cpus": sub.cpus, "ram": sub.ram, "hdd": sub.hdd, "gpus": 0},
+            "resources_needed": sub.resources(),
             "status": "waiting",
             "time_added": time.time(),
             "time_started": None,

@@ -5,11 +5,14 @@ knows how to run one request; the supervisor connects them and owns every decisi
 (ack, hand back after a back-off, release, set aside), so that no experiment is lost and none loops forever.
 
 Intake rules, in order: take nothing while stopping; take nothing while results cannot be saved
-(:class:`~studio_runner.storage.StorageHealth`); take a message only into a free slot, reserved *before*
-its task starts, so ``max_running`` is exact; release (without counting an attempt) a request that does not
-fit this machine now (:class:`~studio_runner.policies.DiskAdmission`) and leave its queue alone for a while
-(until a slot frees; a queue's head that does not fit holds back what is behind it in that queue, as in Go,
-until the resources work admits by queue).
+(:class:`~studio_runner.storage.StorageHealth`); take a message only when a slot is free (``max_running``,
+0 = no cap) and the :class:`~studio_runner.resources.Ledger` has a core free; skip a queue whose last
+request (the per-queue memory of spec/resources.md §2) does not fit now. A message is parsed and its
+resources reserved in the intake loop itself, *before* its task starts and before anything is downloaded,
+so neither the slot count nor the ledger can be overrun by messages taken in a burst. A request that does
+not fit now is released at once without counting an attempt; one that can never fit this runner (more
+cores or GPUs than it has) is released too and its queue skipped for ``never_fit_pause``, with a log line
+saying why.
 A message whose attempt failed on the runner's side is held for a back-off (exponential, with jitter) before
 it is handed back, so a flapping store or disk does not burn all of its attempts in a second; its slot is
 free meanwhile.
@@ -30,9 +33,10 @@ import trio
 from studio_runner.attempt import Abort, Action, Outcome, Phase, Status, StopCause
 from studio_runner.errors import RequestInvalid
 from studio_runner.events import AttemptRecord, Registry
-from studio_runner.policies import DiskAdmission, Retries
+from studio_runner.policies import Retries
 from studio_runner.queues.base import Delivery, QueueBackend
 from studio_runner.request import Request, parse_request
+from studio_runner.resources import Demand, DoesNotFit, Ledger, Reservation
 from studio_runner.storage import StorageHealth
 
 log = logging.getLogger("studio_runner.supervisor")
@@ -45,7 +49,8 @@ class AttemptRunner(Protocol):
     """What the supervisor needs of the executor."""
 
     async def run(self, request: Request, *, queue: str = "", attempt: int = 1, abort: Abort | None = None,
-                  record: AttemptRecord | None = None, last_attempt: bool = False) -> Outcome: ...
+                  record: AttemptRecord | None = None, last_attempt: bool = False,
+                  reservation: Reservation | None = None) -> Outcome: ...
 
     @property
     def max_seconds(self) -> float:
@@ -61,12 +66,19 @@ class IntakeSettings:
     rescan_interval: float = 10.0
     abort_check_interval: float = 10.0
     max_running: int = 1
+    """Experiments at once at most; 0 = as many as the ledger admits."""
     drain_timeout: float = 0.0
     retries: Retries = field(default_factory=lambda: Retries(3))
     keep_alive_interval: float = 15.0
-    admission: DiskAdmission | None = None
+    ledger: Ledger | None = None
+    """Cores, RAM, disk and GPUs; None = only ``max_running`` limits intake (tests of other rules)."""
     refused_pause: float = 30.0
-    """How long a queue whose message did not fit is left alone (unless a slot frees first)."""
+    """A queue whose last request did not fit is skipped until it would fit, or for at most this long
+    (the next message may be smaller)."""
+    never_fit_pause: float = 300.0
+    """How long a queue whose request can never fit this runner is skipped."""
+    gpu_refresh_interval: float = 5.0
+    """How often GPU figures are re-read (ECC fencing, cards drained after an experiment)."""
     keep_results: int = 1000
     """Outcomes kept for ``run()``'s return value (the CLI's --once, the demo, tests); older ones drop."""
 
@@ -88,7 +100,10 @@ class _Held:
     delivery: Delivery
     record: AttemptRecord
     abort: Abort = field(default_factory=Abort)
-    disk_reserved: int = 0
+    request: Request | None = None
+    reservation: Reservation | None = None
+    early: Outcome | None = None
+    """Decided at intake without running (not a request, does not fit): only settled."""
 
 
 class Supervisor:
@@ -105,6 +120,8 @@ class Supervisor:
         self._running = 0
         self._queues: list[tuple[QueueBackend, str]] = []
         self._paused_until: dict[tuple[str, str], float] = {}
+        self._last_demand: dict[tuple[str, str], tuple[Demand, float]] = {}
+        self._cards_released = trio.Event()
         self._next = 0
         self._stopping = trio.Event()
         self._wake = trio.Event()
@@ -133,6 +150,8 @@ class Supervisor:
                 nursery.start_soon(self._signals)
             await self._rescan()
             nursery.start_soon(self._rescan_loop)
+            if self.s.ledger is not None and self.s.ledger.gpus is not None:
+                nursery.start_soon(self._gpu_refresh_loop, self.s.ledger)
             async with trio.open_nursery() as work:
                 await self._intake(work, once)
                 if self._stopping.is_set() and self._held:
@@ -162,6 +181,21 @@ class Supervisor:
             await trio.sleep(self.s.rescan_interval)
             await self._rescan()
 
+    async def _gpu_refresh_loop(self, ledger: Ledger) -> None:
+        """Re-read the cards: fence those with ECC errors, return drained ones (then intake may resume).
+        Every few seconds, and at once when an experiment gave cards back."""
+        while True:
+            with trio.move_on_after(self.s.gpu_refresh_interval):
+                await self._cards_released.wait()
+            self._cards_released = trio.Event()
+            try:
+                changed = await trio.to_thread.run_sync(ledger.refresh)
+            except Exception as exc:  # NVML hiccups must not stop the runner
+                log.warning("reading GPU state failed: %s", exc)
+                continue
+            if changed:
+                self._notify()
+
     # -- intake ---------------------------------------------------------------------------------------------
     async def _intake(self, work: trio.Nursery, once: bool) -> None:
         outage_logged = False
@@ -170,21 +204,37 @@ class Supervisor:
             if outage and not outage_logged:
                 log.warning("not taking new work while results cannot be saved (%s)", outage)
             outage_logged = bool(outage)
-            if self._running < self.s.max_running and not outage:
+            if self._has_room() and not outage:
                 got = await self._receive_any()
                 if got is not None:
-                    self._start(work, *got)
+                    await self._start(work, *got)
                     continue
                 if once and not self._held and (self._queues or not await self._any_queue_later()):
                     return
             elif once and not self._held and outage:
                 log.error("giving up --once: %s", outage)
                 return
-            wait = self.s.poll_interval if self._running < self.s.max_running and not outage else 5.0
+            wait = self.s.poll_interval if self._has_room() and not outage else 5.0
             with trio.move_on_after(wait):
                 async with trio.open_nursery() as waiter:
                     waiter.start_soon(_wake_on, self._wake, waiter.cancel_scope)
                     waiter.start_soon(_wake_on_health, self.health, waiter.cancel_scope)
+
+    def _has_room(self) -> bool:
+        """A slot is free and the ledger has a core free (every experiment reserves at least one)."""
+        if self.s.max_running and self._running >= self.s.max_running:
+            return False
+        return self.s.ledger is None or self.s.ledger.has_room
+
+    def _fits_last_demand(self, kind: str, queue: str, now: float) -> bool:
+        """The spec's per-queue memory: skip a queue whose last request would not fit now (for a while)."""
+        last = self._last_demand.get((kind, queue))
+        if last is None or self.s.ledger is None:
+            return True
+        demand, seen = last
+        if now - seen > self.s.refused_pause:
+            return True
+        return self.s.ledger.refusal(demand) is None
 
     def _notify(self) -> None:
         self._wake.set()
@@ -197,6 +247,8 @@ class Supervisor:
         for offset in range(len(queues)):
             backend, name = queues[(self._next + offset) % len(queues)]
             if self._paused_until.get((backend.kind, name), 0.0) > now:
+                continue
+            if not self._fits_last_demand(backend.kind, name, now):
                 continue
             try:
                 delivery = await backend.receive(name)
@@ -213,19 +265,59 @@ class Supervisor:
         await self._rescan()
         return bool(self._queues)
 
-    def _start(self, work: trio.Nursery, backend: QueueBackend, delivery: Delivery) -> None:
-        """Reserve the slot now, before the task runs: the count of running attempts is exact."""
+    async def _start(self, work: trio.Nursery, backend: QueueBackend, delivery: Delivery) -> None:
+        """Take the slot, parse the message and reserve its resources now, before the task runs: the count
+        of running attempts and the ledger are exact however many messages arrive at once."""
         record = self.registry.claim(delivery.queue, backend.kind, delivery.message_id, delivery.attempt)
         held = _Held(backend, delivery, record)
         self._held[record.attempt_id] = held
         self._running += 1
+        parsed = await self._parse(held)
+        if isinstance(parsed, Outcome):
+            held.early = parsed
+        else:
+            held.request = parsed
+            exp = parsed.experiment
+            self.registry.identify(record, exp.key, exp.project)
+            held.early = self._admit(held, parsed)
         work.start_soon(self._handle, held)
+
+    def _admit(self, held: _Held, request: Request) -> Outcome | None:
+        """Reserve the request's resources, or decide to release it (None: admitted)."""
+        ledger = self.s.ledger
+        if ledger is None:
+            return None
+        exp, queue, kind = request.experiment, held.delivery.queue, held.backend.kind
+        demand = ledger.demand_for(exp.resources)
+        now = trio.current_time()
+        never = ledger.never_fits(demand)
+        if never is not None:
+            self._paused_until[(kind, queue)] = now + self.s.never_fit_pause
+            log.warning("experiment %s from %s can never run on this runner (%s): released; queue %s is "
+                        "skipped by this runner for %.0fs", exp.key, queue, never, queue,
+                        self.s.never_fit_pause)
+            return self._outcome_for(held, Status.DEFERRED, Action.RELEASE, f"can never fit: {never}",
+                                     key=exp.key)
+        try:
+            held.reservation = ledger.reserve(held.record.attempt_id, demand)
+        except DoesNotFit as exc:
+            self._last_demand[(kind, queue)] = (demand, now)
+            log.info("experiment %s from %s does not fit now (%s): released; queue skipped until it would",
+                     exp.key, queue, exc)
+            return self._outcome_for(held, Status.DEFERRED, Action.RELEASE, f"does not fit: {exc}",
+                                     key=exp.key)
+        self._last_demand[(kind, queue)] = (demand, now)
+        self.registry.reserved(held.record, demand.cores, demand.ram, held.reservation.gpu_env.get(
+            "CUDA_VISIBLE_DEVICES", ""))
+        return None
 
     def _free_slot(self, held: _Held) -> None:
         self._running -= 1
-        if held.disk_reserved:  # room was made: queues left alone for not fitting may fit now
-            held.disk_reserved = 0
-            self._paused_until.clear()
+        if held.reservation is not None and self.s.ledger is not None:
+            self.s.ledger.release(held.record.attempt_id, held.record.pids)
+            if held.reservation.gpu_env:
+                self._cards_released.set()
+            held.reservation = None
         self._notify()
 
     async def _drain(self) -> None:
@@ -273,29 +365,20 @@ class Supervisor:
             self._notify()
 
     async def _process(self, held: _Held, watchers: trio.Nursery) -> Outcome:
-        delivery = held.delivery
-        request = await self._parse(held)
-        if isinstance(request, Outcome):
-            return request
+        delivery, request = held.delivery, held.request
+        if held.early is not None:
+            return held.early
+        assert request is not None
         exp = request.experiment
-        self.registry.identify(held.record, exp.key, exp.project)
-        refusal = self._admission_refusal(request)
-        if refusal is not None:
-            until = trio.current_time() + self.s.refused_pause
-            self._paused_until[(held.backend.kind, delivery.queue)] = until
-            log.info("experiment %s from %s does not fit now (%s): released, queue left alone for %.0fs",
-                     exp.key, delivery.queue, refusal, self.s.refused_pause)
-            return self._outcome_for(held, Status.DEFERRED, Action.RELEASE, f"does not fit: {refusal}",
-                                     key=exp.key)
-        if self.s.admission is not None:
-            held.disk_reserved = self.s.admission.need(request)
-        log.info("experiment %s from %s %s (attempt %d) starting, attempt id %s", exp.key, held.backend.kind,
-                 delivery.queue, delivery.attempt, held.record.attempt_id)
+        holds = f" holding {held.reservation.demand.describe()}" if held.reservation else ""
+        log.info("experiment %s from %s %s (attempt %d) starting, attempt id %s%s", exp.key,
+                 held.backend.kind, delivery.queue, delivery.attempt, held.record.attempt_id, holds)
         self._warn_if_broker_may_requeue(held.backend, request, exp.key)
         watchers.start_soon(self._watch_queue, held)
         return await self.executor.run(request, queue=delivery.queue, attempt=delivery.attempt,
                                        abort=held.abort, record=held.record,
-                                       last_attempt=self.s.retries.gives_up(delivery.attempt))
+                                       last_attempt=self.s.retries.gives_up(delivery.attempt),
+                                       reservation=held.reservation)
 
     async def _parse(self, held: _Held) -> Request | Outcome:
         body = held.delivery.body
@@ -307,12 +390,6 @@ class Supervisor:
             log.error("message %s on %s is not a valid request, setting it aside: %s",
                       held.delivery.message_id, held.delivery.queue, exc)
             return self._outcome_for(held, Status.INVALID, Action.SET_ASIDE, str(exc))
-
-    def _admission_refusal(self, request: Request) -> str | None:
-        if self.s.admission is None:
-            return None
-        reserved = sum(h.disk_reserved for h in self._held.values())
-        return self.s.admission.refusal(request, reserved)
 
     def _outcome_for(self, held: _Held, status: Status, action: Action, reason: str,
                      key: str | None = None) -> Outcome:

@@ -8,12 +8,17 @@ Rules (spec README, "Stored work is never reduced"; lifecycle.md §7 and §8):
 * ``output`` is this attempt's own log: uploaded when the experiment ran, or when the attempt is final (its
   message is acknowledged or set aside), so the experimenter can read why; a fault before the run (the
   message goes back) leaves the previous attempt's log in place.
-* Unchanged directories are not uploaded again (fingerprints); ``_metadata`` goes last, after the final
-  scrape.
+* Unchanged directories are not uploaded again (fingerprints). Artifacts are uploaded several at once
+  (:data:`UPLOAD_CONCURRENCY`), in three stages whose order readers rely on: every artifact but ``retval``;
+  then ``retval``, which the client's completion service polls as the sign that results are there; then
+  ``_metadata``, after the final scrape. A failure stops the later stages and is raised as itself (the
+  first in label order when several fail); the uploads running beside it finish, and their fingerprints
+  count.
 * An experiment that has finished holds its results on local disk: the final upload is retried with back-off
   for a long window (``--upload-retry-window``) before the message is handed back, and the experiment is
   not run again meanwhile. A full disk is met by freeing what the upload does not need (the experiment's
-  temporary directory and its immutable inputs) and trying once more.
+  temporary directory and its immutable inputs) and trying once more, one artifact at a time (so packed
+  copies of several artifacts never sit on the disk together).
 """
 
 from __future__ import annotations
@@ -39,8 +44,13 @@ log = logging.getLogger(__name__)
 UPLOAD_TRY_TIMEOUT = 600.0
 """One try of the final upload may take this long before it counts as failed."""
 
+UPLOAD_CONCURRENCY = 4
+"""Artifacts of one attempt uploaded at once: most are a few KB, so their round trips dominate."""
+
 OUTPUT_LABEL = "output"
 METADATA_LABEL = "_metadata"
+RETVAL_LABEL = "retval"
+"""The completion service's result: a reader that sees it may read the other artifacts at once."""
 
 
 class ArtifactSync:
@@ -62,6 +72,7 @@ class ArtifactSync:
         """Mutable labels fully restored (or absent in storage) at the start of this attempt."""
         self.fingerprints: dict[str, str | None] = {}
         self.metadata_url: str | None = None
+        self.upload_concurrency = UPLOAD_CONCURRENCY
         self._lock = trio.Lock()
 
     def mark_restored(self, label: str) -> None:
@@ -101,12 +112,39 @@ class ArtifactSync:
                     self.on_checkpoint(False)
 
     async def upload_all(self, include_output: bool) -> None:
+        """Upload what changed, in the stages the module docstring names; raises the first failure."""
         async with self._lock:
             self.output.flush()
-            for artifact in self.uploadable(include_output):
-                self.fingerprints[artifact.label] = await artifacts.upload_artifact(
-                    artifact, self.expdir, self.stores, self.fingerprints.get(artifact.label))
+            chosen = self.uploadable(include_output)
+            await self._upload_together([a for a in chosen if a.label != RETVAL_LABEL])
+            await self._upload_together([a for a in chosen if a.label == RETVAL_LABEL])
             await self._upload_metadata()
+
+    async def _upload_together(self, chosen: list[Artifact]) -> None:
+        """Upload ``chosen``, ``upload_concurrency`` at once; a failure does not cancel the others (what they
+        upload is saved), and the first one in label order is raised as itself once all have ended."""
+        if not chosen:
+            return
+        limiter = trio.CapacityLimiter(self.upload_concurrency)
+        failures: dict[str, Exception] = {}
+
+        async def upload(artifact: Artifact) -> None:
+            async with limiter:
+                try:
+                    self.fingerprints[artifact.label] = await artifacts.upload_artifact(
+                        artifact, self.expdir, self.stores, self.fingerprints.get(artifact.label))
+                except Exception as exc:  # raised below, outside the nursery: no exception group
+                    failures[artifact.label] = exc
+
+        async with trio.open_nursery() as nursery:
+            for artifact in chosen:
+                nursery.start_soon(upload, artifact)
+        if failures:
+            first, *others = sorted(failures)
+            for label in others:
+                log.debug("upload of %s's %s failed too: %s", self.request.experiment.key, label,
+                          failures[label])
+            raise failures[first]
 
     # -- the final upload ----------------------------------------------------------------------------------
     async def save_results(self, *, include_output: bool, window: float, backoff: Backoff,
@@ -132,6 +170,7 @@ class ArtifactSync:
                 if freed:
                     raise error
                 freed = True
+                self.upload_concurrency = 1  # one packed artifact on the disk at a time from now on
                 log.warning("%s: freeing the experiment's temporary files and inputs to save its results",
                             error)
                 await trio.to_thread.run_sync(self._free_space)

@@ -119,8 +119,18 @@ def test_cli_reports_config_errors_with_exit_2(capsys):
 # -------------------------------------------------------------------- environment variables (issue item 12)
 
 GO_NAMES = {"QUEUE_ROOT", "QUEUE_MATCH", "QUEUE_MISMATCH", "AMQP_URL", "AMQP_MGT_URL", "WORKING_DIR", "DEBUG",
-            "CACHE_DIR", "CACHE_SIZE", "ALLOW_ENV_SECRETS", "S3_CA", "S3_CERT", "S3_KEY", "SCHEMA_LOGS"}
+            "CACHE_DIR", "CACHE_SIZE", "ALLOW_ENV_SECRETS", "S3_CA", "S3_CERT", "S3_KEY", "SCHEMA_LOGS",
+            "MAX_CORES", "MAX_MEM", "MAX_DISK", "CPU_ONLY"}
 """The options of spec/options.md §2 that we have, by the Go runner's variable name."""
+
+
+def test_go_resource_variables_set_the_caps():
+    settings = config.resolve({}, environ={"MAX_CORES": "1", "MAX_MEM": "2gb", "MAX_DISK": "10GiB",
+                                           "CPU_ONLY": "true"})
+    assert (settings.max_cores, settings.max_mem, settings.max_disk) == (1, 2 * 10**9, 10 * 2**30)
+    assert settings.cpu_only is True and settings.max_running == 0  # resources decide how many at once
+    prefixed = config.resolve({}, environ={"MAX_CORES": "1", "STUDIO_RUNNER_MAX_CORES": "2"})
+    assert prefixed.max_cores == 2
 
 
 def test_every_option_has_a_prefixed_variable_and_only_go_options_a_bare_one():

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import trio
+from support.runner import read_member
 from support.studioml_client import cache_root
 
 from studio_runner.attempt import Action, Phase, Status
@@ -14,6 +15,7 @@ from studio_runner.envs import EnvCache
 from studio_runner.events import Registry, Transferred, current_attempt
 from studio_runner.executor import Executor, ExecutorSettings
 from studio_runner.request import parse_request
+from studio_runner.resources import Demand, Reservation
 from studio_runner.storage import Stores
 from studio_runner.submit import Submission, build_request, pack_workspace
 
@@ -76,3 +78,53 @@ def test_the_runtime_wires_one_registry_and_one_storage_health(tmp_path: Path) -
 
     (tmp_path / "w").mkdir()
     trio.run(main)
+
+
+def test_live_figures_of_the_process_tree(tmp_path: Path) -> None:
+    """While it runs, the record shows the tree's CPU and RSS (a child burning a core, its parent holding
+    ~60 MB) and collects every pid it ran, which GPU release needs; the reservation's cores and cards
+    reach the experiment's environment."""
+    script = tmp_path / "ws" / "busy.py"
+    script.parent.mkdir()
+    script.write_text(
+        "import os, subprocess, sys, time\n"
+        "ballast = bytearray(60 << 20)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time\\nend = time.time() + 5\\n"
+        "while time.time() < end: pass'])\n"
+        "print('child', child.pid, 'threads', os.environ['OMP_NUM_THREADS'], "
+        "'cards', os.environ['CUDA_VISIBLE_DEVICES'], flush=True)\n"
+        "child.wait()\n")
+    store = tmp_path / "store"
+    request = parse_request(json.dumps(build_request(
+        Submission(script=script, queue="local_x", experiment="exp_busy"), store,
+        pack_workspace(script.parent, store))))
+    registry = Registry("test-host")
+    samples: list[tuple[float, int]] = []
+
+    async def main() -> object:
+        env_cache = EnvCache(cache_root() / "envs", 20 << 30)
+        await env_cache.start()
+        executor = Executor(ExecutorSettings(root=tmp_path / "root", hostname="test-host", stores=Stores(),
+                                             env_cache=env_cache), registry)
+        record = registry.claim("local_x", "local", "m1", 1)
+        cards = {"CUDA_VISIBLE_DEVICES": "GPU-x", "NVIDIA_VISIBLE_DEVICES": "GPU-x"}
+        reservation = Reservation("owner", Demand(3, 0, 0), gpu_env=cards)
+
+        async def watch() -> None:
+            while True:
+                await trio.sleep(0.5)
+                samples.append((record.cpu_percent, record.rss))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            outcome = await executor.run(request, queue="local_x", record=record, reservation=reservation)
+            nursery.cancel_scope.cancel()
+        return outcome, record
+
+    outcome, record = trio.run(main)  # type: ignore[misc]
+    assert outcome.status is Status.SUCCESS
+    output = read_member(store / "experiments" / "exp_busy" / "output.tar", "output")
+    assert "threads 3 cards GPU-x" in output
+    assert max(cpu for cpu, _ in samples) > 50  # the child spins a core
+    assert max(rss for _, rss in samples) > 60 << 20
+    assert len(record.pids) >= 2  # the experiment and its child

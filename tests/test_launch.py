@@ -35,14 +35,31 @@ def test_experiment_environment(tmp_path):
     request = make_request(env={"PATH": "%PATH%:./bin", "STUDIOML_ARTIFACT_MAPPING": "x"}, cpus=4)
     runner_env = {"PATH": "/usr/bin", "AMQP_URL": "amqp://u:p@h/", "PYTHONHOME": "/x"}
     env = experiment_environment(runner_env, request, tmp_path / "venv", tmp_path / "ab12.0", tmp_path,
-                                 tmp_path / "tmp")
+                                 tmp_path / "tmp", cores=4)
     # config.env's PATH is used, with the runner's PATH expanded, but the venv's bin stays first
     assert env["PATH"] == f"{tmp_path / 'venv' / 'bin'}:/usr/bin:./bin"
     assert "AMQP_URL" not in env and "PYTHONHOME" not in env and "STUDIOML_ARTIFACT_MAPPING" not in env
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["PYTHONUNBUFFERED"] == "1"
     assert env["STUDIOML_EXPERIMENT"] == "ab12.0" and env["STUDIOML_HOME"] == str(tmp_path)
-    assert env["OMP_NUM_THREADS"] == "3" and env["OPENMP"] == "True"
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "4" and env["OPENMP"] == "True"
     assert env["VIRTUAL_ENV"] == str(tmp_path / "venv")
+
+
+def test_threads_follow_the_reserved_cores_unless_config_env_sets_them(tmp_path):
+    def environment(env, cores, gpu_env=None):
+        return experiment_environment({"PATH": "/usr/bin"}, make_request(env=env), tmp_path / "venv",
+                                      tmp_path / "ab12.0", tmp_path, tmp_path / "tmp", cores=cores,
+                                      gpu_env=gpu_env)
+
+    one = environment({}, 1)
+    assert one["OMP_NUM_THREADS"] == one["OPENBLAS_NUM_THREADS"] == "1" and "OPENMP" not in one
+    mine = environment({"OMP_NUM_THREADS": "7"}, 2)
+    assert mine["OMP_NUM_THREADS"] == "7" and mine["MKL_NUM_THREADS"] == "2"
+    cards = {"CUDA_VISIBLE_DEVICES": "GPU-a,GPU-b", "NVIDIA_VISIBLE_DEVICES": "GPU-a,GPU-b"}
+    given = environment({"CUDA_VISIBLE_DEVICES": "0"}, 1, gpu_env=cards)
+    assert given["CUDA_VISIBLE_DEVICES"] == given["NVIDIA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
+    hidden = environment({"CUDA_VISIBLE_DEVICES": "0,1"}, 1)  # a request cannot pick cards it was not given
+    assert hidden["CUDA_VISIBLE_DEVICES"] == hidden["NVIDIA_VISIBLE_DEVICES"] == ""
 
 
 def test_env_credentials_only_fill_artifacts_without_their_own():

@@ -20,17 +20,19 @@ import trio.testing
 
 from studio_runner.attempt import Abort, Action, Outcome, Phase, Status, StopCause
 from studio_runner.events import AttemptRecord, Finished, PhaseChanged, Registry, Settled
-from studio_runner.policies import Backoff, DiskAdmission, Retries
+from studio_runner.policies import Backoff, Retries
 from studio_runner.queues.memory import MemoryQueue
 from studio_runner.request import Request
+from studio_runner.resources import Capacity, Ledger, Reservation
 from studio_runner.storage import StorageHealth
 from studio_runner.supervisor import IntakeSettings, Supervisor
 
 QUEUE = "local_sup"
 
 
-def body(key: str, hdd: str | None = None) -> bytes:
-    resources = {"hdd": hdd} if hdd else {}
+def body(key: str, hdd: str | None = None, **needs: object) -> bytes:
+    resources: dict[str, object] = {"hdd": hdd} if hdd else {}
+    resources.update(needs)
     return json.dumps({"experiment": {"key": key, "filename": "x.py", "artifacts": {},
                                       "resources_needed": resources}, "config": {}}).encode()
 
@@ -50,11 +52,14 @@ class ScriptedExecutor:
         self.running = 0
         self.peak = 0
         self.calls: list[tuple[str, int, str, float]] = []
+        self.reservations: list[Reservation | None] = []
         self._count: Counter[str] = Counter()
 
     async def run(self, request: Request, *, queue: str = "", attempt: int = 1, abort: Abort | None = None,
-                  record: AttemptRecord | None = None, last_attempt: bool = False) -> Outcome:
+                  record: AttemptRecord | None = None, last_attempt: bool = False,
+                  reservation: Reservation | None = None) -> Outcome:
         key = request.experiment.key
+        self.reservations.append(reservation)
         plays = self.script.get(key, [self.default])
         seconds, status, action = plays[min(self._count[key], len(plays) - 1)]
         self._count[key] += 1
@@ -233,8 +238,8 @@ def test_requests_that_do_not_fit_are_released_uncounted(tmp_path: Path) -> None
     queue.publish("local_a", huge)
     queue.publish("local_b", body("small", hdd="1mb"))
     executor = ScriptedExecutor()
-    admission = DiskAdmission(tmp_path, reserve=0)
-    run_once(make(executor, queue, admission=admission, max_running=1))
+    ledger = Ledger(Capacity(cores=1, ram=1 << 40), tmp_path)
+    run_once(make(executor, queue, ledger=ledger, max_running=0))
     assert [c[0] for c in executor.calls] == ["small"]
     assert queue.pending("local_a") == [huge]  # back in line, not set aside, no attempt counted
     assert not queue.nacked and [json.loads(r.body)["experiment"]["key"] for r in queue.acked] == ["small"]
@@ -259,3 +264,94 @@ def test_registry_stamps_phases_and_stays_bounded() -> None:
     assert [p for p, _ in last.phases] == [Phase.CLAIMED, Phase.SETTLING, Phase.DONE]
     assert last.key and last.status is Status.SUCCESS and last.action is Action.ACK
     assert any(isinstance(e, PhaseChanged) and e.phase is Phase.SETTLING for e in events)
+
+
+def cores_ledger(tmp_path: Path, cores: int) -> Ledger:
+    return Ledger(Capacity(cores=cores, ram=1 << 40), tmp_path)
+
+
+@pytest.mark.parametrize(("cpus", "peak"), [(1, 2), (2, 1), (0, 2)])
+def test_as_many_run_at_once_as_their_cores_allow(tmp_path: Path, cpus: int, peak: int) -> None:
+    """Two cores: one-core requests run two at a time, two-core requests one at a time (and a request
+    naming no cores holds one), over many randomised schedules; every reservation is given back."""
+    for seed in range(15):
+        queue = MemoryQueue([QUEUE])
+        for n in range(6):
+            queue.publish(QUEUE, body(f"k{n}", cpus=cpus))
+        executor = ScriptedExecutor(rng=random.Random(seed))
+        ledger = cores_ledger(tmp_path, 2)
+        run_once(make(executor, queue, ledger=ledger, max_running=0), seed)
+        assert executor.peak == peak, (seed, executor.peak)
+        assert len(queue.acked) == 6 and not queue.nacked and ledger.held == {}
+        assert all(r is not None and r.cores == max(1, cpus) for r in executor.reservations)
+
+
+def test_a_request_that_does_not_fit_now_waits_its_turn_without_spinning(tmp_path: Path) -> None:
+    """A two-core request behind one-core work is released uncounted, its queue is skipped while that
+    demand would not fit (no release loop), and it runs once the cores are free."""
+    queue = MemoryQueue(["local_a", "local_b"])
+    for n in range(3):
+        queue.publish("local_b", body(f"small{n}", cpus=1))
+    queue.publish("local_a", body("big", cpus=2))
+    executor = ScriptedExecutor(default=(5.0, Status.SUCCESS, Action.ACK))
+    run_once(make(executor, queue, ledger=cores_ledger(tmp_path, 2), max_running=0))
+    assert sorted(c[0] for c in executor.calls) == ["big", "small0", "small1", "small2"]
+    assert len(queue.acked) == 4 and not queue.nacked
+    assert all(r.attempt == 1 for r in queue.released)
+    assert len(queue.released) <= 3, [r.attempt for r in queue.released]  # not once per poll
+
+
+def test_a_demand_that_can_never_fit_is_released_and_its_queue_skipped(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture
+                                                                      ) -> None:
+    queue = MemoryQueue(["local_a", "local_b"])
+    giant = body("giant", cpus=8)
+    queue.publish("local_a", giant)
+    for n in range(4):
+        queue.publish("local_b", body(f"k{n}"))
+    executor = ScriptedExecutor(default=(2.0, Status.SUCCESS, Action.ACK))
+    supervisor = make(executor, queue, ledger=cores_ledger(tmp_path, 2), max_running=0)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(supervisor.run)
+            await trio.sleep(120)
+            supervisor.shutdown()
+
+    with caplog.at_level("INFO"):
+        trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [c[0] for c in executor.calls if c[0] == "giant"] == []  # never run
+    assert queue.pending("local_a") == [giant] and len(queue.acked) == 4  # never lost; the rest ran
+    assert len(queue.released) == 1 and queue.released[0].attempt == 1  # skipped, not polled again
+    assert "can never run on this runner (asks for 8 cores; this runner has 2)" in caplog.text
+
+
+def test_reservations_are_given_back_on_every_exit(tmp_path: Path) -> None:
+    """Success, failure, a hand-back, an internal error in the executor and a hard shutdown mid-run."""
+
+    class Exploding(ScriptedExecutor):
+        async def run(self, request: Request, **kwargs: object) -> Outcome:  # type: ignore[override]
+            if request.experiment.key == "bug":
+                raise RuntimeError("a bug of ours")
+            return await super().run(request, **kwargs)  # type: ignore[arg-type]
+
+    queue = MemoryQueue([QUEUE])
+    for key in ("ok", "fails", "back", "bug", "long"):
+        queue.publish(QUEUE, body(key))
+    executor = Exploding({"fails": [(1.0, Status.FAILED, Action.ACK)],
+                          "back": [(1.0, Status.FAULT, Action.HAND_BACK), (1.0, Status.SUCCESS, Action.ACK)],
+                          "long": [(10_000.0, Status.SUCCESS, Action.ACK)]})
+    ledger = cores_ledger(tmp_path, 2)
+    supervisor = make(executor, queue, ledger=ledger, max_running=0)
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(supervisor.run)
+            await trio.sleep(100)
+            seen.append(len(ledger.held))
+            supervisor.shutdown(hard=True)
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen == [1]  # only "long" held cores after everything else ended
+    assert ledger.held == {} and ledger.cores_free == 2

@@ -53,3 +53,13 @@ class ObjectStore(Protocol):
 
     async def list(self, prefix_url: str, credentials: Credentials | None = None) -> list[ObjectInfo]:
         """Objects whose URL starts with ``prefix_url``."""
+
+
+@runtime_checkable
+class WarmsUp(Protocol):
+    """A backend with set-up worth doing at runner start-up (imports, parsed models, TLS contexts) instead of
+    in the first experiment that uses it."""
+
+    def warm_up(self) -> None:
+        """Prepare now (blocking, thread-safe: the runner calls it from a background thread); raise if that
+        fails (the caller logs it, and the first real use tries again)."""

@@ -4,15 +4,26 @@ The StudioML client drops the endpoint's scheme from qualified URLs, so the sche
 (message.md §3.1): plain HTTP, except AWS hosts (TLS, region taken from the host name), endpoints listed in
 ``tls_endpoints``, and every endpoint once a CA bundle or client certificate is configured.
 
-boto3 is blocking, so every call runs in a worker thread. Transfers go through boto3's own transfer manager
-(multipart, parallel parts, ``IfMatch`` on ranged GETs so a download never mixes two versions of an object);
-retries of 5xx/throttling/connection errors are botocore's "standard" mode. Cancelling a transfer cancels the
-transfer manager's future and waits for the parts in flight, so no thread keeps writing after we return.
+boto3 is blocking, so every call runs in a worker thread. Large transfers go through boto3's own transfer
+manager (multipart, parallel parts, ``IfMatch`` on ranged GETs so a download never mixes two versions of an
+object); retries of 5xx/throttling/connection errors are botocore's "standard" mode. Cancelling a transfer
+cancels the transfer manager's future and waits for the parts in flight, so no thread keeps writing after we
+return.
 
 A full local disk while downloading is ``DiskFull`` (retried), never a storage error.
 
+Objects under the multipart threshold are put with one ``PutObject`` (its response carries the ETag) and
+fetched with one ``GetObject``, not through a transfer manager (a thread pool per transfer) and, for puts, a
+HEAD after it: most artifacts of most experiments are a few kilobytes, and that set-up and the extra round
+trip were most of their transfer time. The small path keeps the manager's guarantees: ``IfMatch`` on the
+GET, its retries of streaming errors, and no thread writing after a cancel returns.
+
 Secrets: error messages name the URL and at most the first eight characters of the access key id, never the
 secret; clients are cached under the frozen ``Credentials`` object, whose ``repr`` hides the secret.
+
+Start-up cost: every client comes from one boto3 session per process, whose loader keeps the S3 model,
+endpoint rules and partitions once parsed (a client from a fresh session re-reads them: about 70 ms each), and
+:meth:`S3Store.warm_up` loads them at runner start-up so the first experiment does not pay for it.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.subscribers import BaseSubscriber
+from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 
 from studio_runner.errors import DiskFull, ObjectNotFound, StorageError, is_disk_full
 from studio_runner.storage import redact_url
@@ -60,6 +72,27 @@ _DENIED = {
     "AllAccessDisabled",
 }
 _MAX_CLIENTS = 64
+BUCKET_SEEN_TTL = 60.0
+"""How long a bucket we saw exist is taken to still exist: a missing key in it then needs no second request
+to tell "no such key" from "no such bucket"."""
+_WARM_UP_ENDPOINT = "http://warm-up.invalid"
+"""A client for this endpoint is built at start-up only to load boto3's model; it never sends a request."""
+
+_session_lock = threading.Lock()
+_session: boto3.session.Session | None = None
+
+
+def _session_client(**kwargs: Any) -> Any:
+    """An S3 client from this process's one boto3 session (created on first use).
+
+    Sharing the session shares its loader, which parses the S3 model and endpoint rules once. Sessions are
+    not thread-safe, so clients are made under a lock; the clients themselves are.
+    """
+    global _session
+    with _session_lock:
+        if _session is None:
+            _session = boto3.session.Session()
+        return _session.client("s3", **kwargs)
 
 
 @dataclass(frozen=True)
@@ -164,6 +197,7 @@ class S3Store:
         self._timeouts = (connect_timeout, read_timeout)
         self._clients: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._clients_lock = threading.Lock()
+        self._buckets_seen: dict[tuple[str, str], float] = {}
 
     # -- connection choice -------------------------------------------------------------------------------
 
@@ -215,9 +249,7 @@ class S3Store:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session()  # sessions are not thread-safe: one per client
-        return session.client(
-            "s3",
+        return _session_client(
             endpoint_url=endpoint_url,
             verify=self.ca_bundle if (self.ca_bundle and not aws) else None,
             aws_access_key_id=credentials.access_key if credentials else None,
@@ -240,7 +272,9 @@ class S3Store:
             if code in _NOT_FOUND:
                 return ObjectNotFound(f"object not found: {url}")
             if code == "NoSuchBucket":
-                return StorageError(f"bucket {parse_s3_url(url)[1]} does not exist ({url})")
+                endpoint, bucket, _ = parse_s3_url(url)
+                self._buckets_seen.pop((endpoint, bucket), None)
+                return StorageError(f"bucket {bucket} does not exist ({url})")
             if code in _DENIED or status == 403:
                 return StorageError(
                     f"access denied ({code or status}) to {url} with {_key_hint(credentials)}"
@@ -262,16 +296,28 @@ class S3Store:
             raise self._translate(exc, url, credentials) from exc
 
     async def _bucket_missing(
-        self, client: Any, url: str, bucket: str, credentials: Credentials | None
+        self, client: Any, url: str, loc: S3Location, credentials: Credentials | None
     ) -> bool:
-        """A HEAD on a key answers 404 for a missing bucket too; ask the bucket to tell the two apart."""
+        """A HEAD on a key answers 404 for a missing bucket too; ask the bucket to tell the two apart, unless
+        it was seen within BUCKET_SEEN_TTL (an experiment's missing mutable artifacts share one bucket)."""
+        seen = self._buckets_seen.get((loc.endpoint, loc.bucket))
+        if seen is not None and trio.current_time() - seen < BUCKET_SEEN_TTL:
+            return False
         try:
-            await self._call(url, credentials, lambda: client.head_bucket(Bucket=bucket))
+            await self._call(url, credentials, lambda: client.head_bucket(Bucket=loc.bucket))
         except ObjectNotFound:
+            self._buckets_seen.pop((loc.endpoint, loc.bucket), None)
             return True
         except StorageError:
             return False  # e.g. no ListBucket right: assume the bucket exists
+        self._bucket_exists(loc)
         return False
+
+    def _bucket_exists(self, loc: S3Location) -> None:
+        """Remember that ``loc``'s bucket answered (see BUCKET_SEEN_TTL); called from the trio thread."""
+        self._buckets_seen[(loc.endpoint, loc.bucket)] = trio.current_time()
+        if len(self._buckets_seen) > _MAX_CLIENTS:
+            self._buckets_seen.pop(next(iter(self._buckets_seen)))
 
     async def _transfer(self, url: str, credentials: Credentials | None, start: Callable[[Any], Any]) -> None:
         """Run one transfer-manager transfer; on cancel or failure, cancel it and wait for its threads."""
@@ -303,6 +349,11 @@ class S3Store:
         """Whether ``url`` is an ``s3://`` URL."""
         return url.startswith("s3://")
 
+    def warm_up(self) -> None:
+        """Load boto3's S3 model, endpoint rules and partitions now (no request is sent), so the first
+        experiment's client takes milliseconds: called by the runner at start-up, in a background thread."""
+        self._make_client(_WARM_UP_ENDPOINT, self.default_region, None)
+
     async def stat(self, url: str, credentials: Credentials | None = None) -> ObjectInfo | None:
         """Size, ETag and mtime of ``url``; None when the key does not exist (a missing bucket raises)."""
         loc = self._location(url)
@@ -312,9 +363,10 @@ class S3Store:
                 url, credentials, lambda: client.head_object(Bucket=loc.bucket, Key=loc.key)
             )
         except ObjectNotFound:
-            if await self._bucket_missing(client, url, loc.bucket, credentials):
+            if await self._bucket_missing(client, url, loc, credentials):
                 raise StorageError(f"bucket {loc.bucket} does not exist ({redact_url(url)})") from None
             return None
+        self._bucket_exists(loc)
         return self._info(loc.url, head)
 
     async def get(self, url: str, dest: Path, credentials: Credentials | None = None) -> ObjectInfo:
@@ -327,13 +379,16 @@ class S3Store:
         tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.part")
         etag = f'"{info.etag}"' if info.etag else None
         try:
-            await self._transfer(
-                url,
-                credentials,
-                lambda m: m.download(
-                    loc.bucket, loc.key, str(tmp), subscribers=[_KnownObject(info.size, etag)]
-                ),
-            )
+            if info.size < self.transfer_config.multipart_threshold:
+                await self._get_object(url, loc, tmp, etag, credentials)
+            else:
+                await self._transfer(
+                    url,
+                    credentials,
+                    lambda m: m.download(
+                        loc.bucket, loc.key, str(tmp), subscribers=[_KnownObject(info.size, etag)]
+                    ),
+                )
             os.replace(tmp, dest)
         except OSError as exc:  # writing the local file: a full disk is ours to report, not the store's
             if is_disk_full(exc):
@@ -344,21 +399,79 @@ class S3Store:
         log.debug("downloaded %s (%d bytes) to %s", loc.url, info.size, dest)
         return info
 
+    async def _get_object(
+        self, url: str, loc: S3Location, tmp: Path, etag: str | None, credentials: Credentials | None
+    ) -> None:
+        """One GetObject of a small object into ``tmp`` (``IfMatch``: the version we stat'ed, or an error).
+
+        Streaming errors are retried like the transfer manager retries them; a cancel is seen between chunks,
+        so no thread writes ``tmp`` after we return."""
+        client = await self._call(url, credentials, lambda: self._client(loc.endpoint, credentials))
+        conditions = {"IfMatch": etag} if etag else {}
+
+        def get_object() -> None:
+            for attempt in range(1, self.transfer_config.num_download_attempts + 1):
+                try:
+                    body = client.get_object(Bucket=loc.bucket, Key=loc.key, **conditions)["Body"]
+                    with body, open(tmp, "wb") as out:
+                        for chunk in body.iter_chunks(MiB):
+                            trio.from_thread.check_cancelled()
+                            out.write(chunk)
+                    return
+                except S3_RETRYABLE_DOWNLOAD_ERRORS:
+                    if attempt == self.transfer_config.num_download_attempts:
+                        raise
+
+        try:
+            await trio.to_thread.run_sync(get_object)
+        except (ConnectionError, TimeoutError) as exc:  # the network, after the retries: the store's fault
+            raise self._translate(exc, url, credentials) from exc
+        except OSError:  # writing the local file: get() tells a full disk from other local errors
+            raise
+        except Exception as exc:
+            raise self._translate(exc, url, credentials) from exc
+
     async def put(self, src: Path, url: str, credentials: Credentials | None = None) -> ObjectInfo:
-        """Upload ``src`` to ``url``; multipart above the threshold.
+        """Upload ``src`` to ``url``: one PutObject below the multipart threshold, else multipart.
 
         Atomic for readers: S3 makes a PUT, and a multipart upload at CompleteMultipartUpload, visible whole
         or not at all; a cancelled or failed multipart upload is aborted by the transfer manager.
         """
         loc = self._location(url)
         size = os.stat(src).st_size
+        if size < self.transfer_config.multipart_threshold:
+            etag = await self._put_object(src, url, loc, credentials)
+            log.debug("uploaded %s (%d bytes) to %s", src, size, loc.url)
+            return ObjectInfo(url=loc.url, size=size, etag=etag)
         await self._transfer(url, credentials, lambda m: m.upload(str(src), loc.bucket, loc.key))
+        self._bucket_exists(loc)
         log.debug("uploaded %s (%d bytes) to %s", src, size, loc.url)
         try:  # the upload response's ETag is not exposed by the transfer manager; ask for it
             info = await self.stat(url, credentials)
         except StorageError:  # e.g. a write-only key: the upload itself succeeded
             info = None
         return info or ObjectInfo(url=loc.url, size=size)
+
+    async def _put_object(
+        self, src: Path, url: str, loc: S3Location, credentials: Credentials | None
+    ) -> str | None:
+        """One PutObject of the small file ``src``; its ETag. Never abandoned on cancel: a PUT still in flight
+        after we returned could land after a newer upload of the same key and replace it with older data."""
+        client = await self._call(url, credentials, lambda: self._client(loc.endpoint, credentials))
+
+        def put_object() -> str | None:
+            with open(src, "rb") as body:  # botocore rewinds it for a retry
+                response = client.put_object(Bucket=loc.bucket, Key=loc.key, Body=body)
+            return str(response.get("ETag", "")).strip('"') or None
+
+        try:
+            etag = await trio.to_thread.run_sync(put_object)
+        except OSError:  # reading the local file: not the store's fault (as for multipart uploads)
+            raise
+        except Exception as exc:
+            raise self._translate(exc, url, credentials) from exc
+        self._bucket_exists(loc)
+        return etag
 
     async def list(self, prefix_url: str, credentials: Credentials | None = None) -> list[ObjectInfo]:
         """Every object whose URL starts with ``prefix_url`` (paginated ListObjectsV2)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from botocore.exceptions import ReadTimeoutError
 from support.s3server import S3Bucket, s3_bucket, s3_open_server, s3_server  # noqa: F401
 
 from studio_runner.errors import ObjectNotFound, StorageError
@@ -145,6 +146,80 @@ def test_round_trip(s3_bucket: S3Bucket, tmp_path: Path) -> None:
         assert len(await store.list(s3_bucket.prefix, creds)) == 3
 
     trio.run(main)
+
+
+def _requests(store: S3Store, bucket: S3Bucket) -> list[str]:
+    """The S3 operations ``store``'s client for ``bucket`` sends from now on, in order."""
+    sent: list[str] = []
+    store._client(bucket.server.endpoint, bucket.credentials).meta.events.register(
+        "before-call.s3", lambda model, **kwargs: sent.append(model.name)
+    )
+    return sent
+
+
+def test_a_small_put_is_one_request_and_a_known_bucket_is_not_asked_again(
+    s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    """Most artifacts are a few KB: their upload is one PutObject (its ETag is the object's), and a missing
+    key in a bucket seen a moment ago is one HEAD, not two."""
+    store = S3Store()
+    creds = s3_bucket.credentials
+    src = tmp_path / "small.tar"
+    _write(src, 10_000)
+    sent = _requests(store, s3_bucket)
+
+    async def main() -> None:
+        put = await store.put(src, s3_bucket.url("experiments/e1/output.tar"), creds)
+        assert sent == ["PutObject"]
+        stat = await store.stat(s3_bucket.url("experiments/e1/output.tar"), creds)
+        assert stat is not None and stat.etag == put.etag and stat.size == put.size == 10_000
+        sent.clear()
+        assert await store.stat(s3_bucket.url("experiments/e1/modeldir.tar"), creds) is None
+        assert sent == ["HeadObject"]  # the bucket answered the put: no HeadBucket
+
+    trio.run(main)
+    fresh = S3Store()
+    sent = _requests(fresh, s3_bucket)
+    assert trio.run(fresh.stat, s3_bucket.url("experiments/e1/tb.tar"), creds) is None
+    assert sent == ["HeadObject", "HeadBucket"]  # a bucket not seen yet is asked (missing bucket or key?)
+
+
+def test_a_small_get_is_one_request_and_retries_a_broken_stream(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    store = S3Store()
+    creds = s3_bucket.credentials
+    data = _write(tmp_path / "small.tar", 50_000)
+    url = s3_bucket.url("blobstore/small.tar")
+    trio.run(store.put, tmp_path / "small.tar", url, creds)
+    sent = _requests(store, s3_bucket)
+    broken: list[int] = []
+
+    def break_the_first_stream(**kwargs: object) -> None:
+        if not broken:
+            broken.append(1)
+            raise ReadTimeoutError(endpoint_url=s3_bucket.server.http_url)
+
+    store._client(s3_bucket.server.endpoint, creds).meta.events.register(
+        "after-call.s3.GetObject", break_the_first_stream
+    )
+    got = trio.run(store.get, url, tmp_path / "got.tar", creds)
+    assert (tmp_path / "got.tar").read_bytes() == data and got.size == len(data)
+    assert sent == ["HeadObject", "GetObject", "GetObject"]  # the stat, then the GET again after the break
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_deleted_bucket_is_noticed_by_the_next_upload(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    store = S3Store()
+    creds = s3_bucket.credentials
+    src = tmp_path / "small.tar"
+    _write(src, 100)
+    trio.run(store.put, src, s3_bucket.url("k"), creds)
+    client = s3_bucket.server.client()
+    client.delete_object(Bucket=s3_bucket.name, Key="k")
+    client.delete_bucket(Bucket=s3_bucket.name)
+    with pytest.raises(StorageError, match="does not exist"):
+        trio.run(store.put, src, s3_bucket.url("k"), creds)
+    with pytest.raises(StorageError, match="does not exist"):  # no longer taken to exist
+        trio.run(store.stat, s3_bucket.url("other"), creds)
 
 
 def test_list_paginates(s3_bucket: S3Bucket) -> None:
