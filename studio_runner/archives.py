@@ -490,3 +490,7 @@ def pack_dir(src: Path, out: Path, key: str, single_file: str | None = None) -> 
             else:
                 tf.addfile(info)
             added.add(rel)
+    # gettarinfo() points each TarInfo back at the TarFile, which lists them all in ``members``: a reference
+    # cycle that would keep every member (and the closed file object) alive until the next full garbage
+    # collection, which in a long-running runner can be dozens of attempts away. Break it now.
+    tf.members.clear()

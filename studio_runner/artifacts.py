@@ -144,10 +144,11 @@ def _object_name(artifact: Artifact, url: str) -> str:
 def _scratch_dir(parent: Path) -> Path:
     """A private directory under ``parent``, which a concurrent ``_tidy`` may remove at any moment."""
     for _ in range(10):
-        parent.mkdir(mode=0o700, exist_ok=True)
         try:
+            # exist_ok still raises when a concurrent _tidy removes ``parent`` between mkdir and its check
+            parent.mkdir(mode=0o700, exist_ok=True)
             return Path(tempfile.mkdtemp(dir=parent))
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):
             continue
     raise ArtifactError(f"cannot create a scratch directory under {parent}")
 

@@ -173,12 +173,16 @@ class _Attempt:
         self.redactor = Redactor([*request.secrets(), *self.s.runner_secrets],
                                  credentials=request.credential_values())
         self.scraper = metadata.MetadataScraper(schema_logs=self.s.schema_logs)
+        # The callbacks below must not capture ``self``: the OutputLog and ArtifactSync they are given to
+        # are held by ``self``, and such a reference cycle keeps the whole attempt (its scraped metadata
+        # document: megabytes for a chatty experiment) alive until the next full garbage collection.
+        registry = self.registry
         self.output = OutputLog(expdir / "output" / "output", self.redactor, self.scraper,
                                 request.experiment.key,
-                                on_line=lambda text: self.registry.output(record, text))
+                                on_line=lambda text: registry.output(record, text))
         scrape_name = metadata.scrape_file_name(self.s.hostname, outcome.started, request.experiment.key)
         self.sync = ArtifactSync(self.s.stores, request, expdir, self.output, self.scraper, scrape_name,
-                                 on_checkpoint=lambda final: self.registry.checkpointed(record, final))
+                                 on_checkpoint=lambda final: registry.checkpointed(record, final))
 
     def decide(self, status: Status, action: Action, reason: str = "") -> None:
         self.outcome.set(status, action, reason)
@@ -186,11 +190,12 @@ class _Attempt:
 
     async def run(self) -> None:
         events: dict[str, object] = {}
+        output = self.output  # not self: the abort holds this sink, and self holds the abort (a cycle)
 
         def record_event(text: str, facts: dict[str, object]) -> None:
-            self.output.note(text)
+            output.note(text)
             events.update(facts)
-            self.output.write(metadata.note_line("events", dict(events)))
+            output.write(metadata.note_line("events", dict(events)))
 
         self.abort.attach(record_event)
         try:
@@ -214,6 +219,7 @@ class _Attempt:
                 self.decide(Status.FAULT, Action.HAND_BACK, f"internal error: {type(fault).__name__}")
             elif not self.decided and self.abort.cause is not None:
                 self._record_stop(self.abort.cause, self.abort.reason)
+            fault = None  # its traceback holds this frame, so the whole attempt: break that cycle
         finally:
             with trio.CancelScope(shield=True):
                 await self._finish()
@@ -278,9 +284,14 @@ class _Attempt:
                     nursery.start_soon(fetch, label, artifact, nursery.cancel_scope)
         if failures:
             label = min(failures)
+            error = failures[label]
+            failures.clear()  # each error's traceback holds a fetch frame, whose closure holds this dict
             self.output.write("failed when downloading user data")
-            self.output.note(f"artifact {label!r}: {failures[label]}")
-            raise failures[label]
+            self.output.note(f"artifact {label!r}: {error}")
+            try:
+                raise error
+            finally:
+                del error  # this frame is in its traceback: no exception -> frame -> exception cycle
 
     async def _run_process(self, venv: Path, python: Path) -> None:
         request, output = self.request, self.output

@@ -272,14 +272,19 @@ class Supervisor:
         held = _Held(backend, delivery, record)
         self._held[record.attempt_id] = held
         self._running += 1
-        parsed = await self._parse(held)
-        if isinstance(parsed, Outcome):
-            held.early = parsed
-        else:
-            held.request = parsed
-            exp = parsed.experiment
-            self.registry.identify(record, exp.key, exp.project)
-            held.early = self._admit(held, parsed)
+        try:
+            parsed = await self._parse(held)
+            if isinstance(parsed, Outcome):
+                held.early = parsed
+            else:
+                held.request = parsed
+                exp = parsed.experiment
+                self.registry.identify(record, exp.key, exp.project)
+                held.early = self._admit(held, parsed)
+        except Exception as exc:  # a bug of ours: the message goes back, the runner keeps serving
+            log.error("internal error taking message %s", delivery.message_id, exc_info=exc)
+            held.early = self._outcome_for(held, Status.FAULT, Action.HAND_BACK,
+                                           f"internal error: {type(exc).__name__}")
         work.start_soon(self._handle, held)
 
     def _admit(self, held: _Held, request: Request) -> Outcome | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bz2
+import gc
 import gzip
 import io
 import lzma
@@ -845,3 +846,42 @@ def test_packed_members_are_stamped_later_than_the_packing_started(tmp_path: Pat
     assert mtimes["later"] == future  # never earlier than the file's own mtime (rounded up)
     safe_extract(tmp_path / "retval.tar", tmp_path / "client", BIG)
     assert os.path.getmtime(tmp_path / "client" / "retval") > recorded  # the client's own test
+
+
+def test_packing_leaves_no_reference_cycle(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for n in range(50):
+        (src / "sub" / f"f{n}.txt").write_text(str(n))
+    gc.collect()
+    gc.disable()
+    try:
+        pack_dir(src, tmp_path / "out.tar", "out.tar")
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+def test_scratch_directories_survive_a_concurrent_tidy(tmp_path: Path) -> None:
+    """Downloads of one attempt run at once; each tidies the shared ``.downloads`` parent when it is empty,
+    which must never make another one's scratch directory fail (it did: EEXIST from mkdir's own check)."""
+    import threading
+
+    from studio_runner.artifacts import _scratch_dir, _tidy
+
+    parent = tmp_path / ".downloads"
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            for _ in range(300):
+                _tidy(_scratch_dir(parent))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []

@@ -3,13 +3,17 @@ attempt registry. Real files, the local store, a real cached virtualenv and a re
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
+import pytest
 import trio
 from support.runner import read_member
 from support.studioml_client import cache_root
 
+from studio_runner import metadata
 from studio_runner.attempt import Action, Phase, Status
 from studio_runner.envs import EnvCache
 from studio_runner.events import Registry, Transferred, current_attempt
@@ -128,3 +132,50 @@ def test_live_figures_of_the_process_tree(tmp_path: Path) -> None:
     assert max(cpu for cpu, _ in samples) > 50  # the child spins a core
     assert max(rss for _, rss in samples) > 60 << 20
     assert len(record.pids) >= 2  # the experiment and its child
+
+
+# An attempt's state is freed by reference counting when it ends, not left to the cycle collector, whose
+# full collections can be dozens of attempts apart (a chatty experiment's scraped metadata is megabytes).
+SCRIPTS = {
+    "success": "for n in range(2000):\n    print('line', n)\n",
+    "failure": "print('about to fail')\nraise SystemExit(3)\n",
+}
+
+
+@pytest.mark.parametrize("kind", [*SCRIPTS, "fault"])
+def test_an_attempt_is_freed_without_the_cycle_collector(tmp_path: Path, kind: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    script = tmp_path / "ws" / "train.py"
+    script.parent.mkdir()
+    script.write_text(SCRIPTS.get(kind, "print('never runs')\n"))
+    store = tmp_path / "store"
+    workspace = pack_workspace(script.parent, store)
+    request = parse_request(json.dumps(build_request(
+        Submission(script=script, queue="local_x", experiment=f"exp_{kind}"), store, workspace)))
+    if kind == "fault":  # the workspace is gone: a runner-side fault before the process starts
+        (store / workspace).unlink()
+    scrapers: list[weakref.ref[metadata.MetadataScraper]] = []
+
+    class Tracked(metadata.MetadataScraper):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            scrapers.append(weakref.ref(self))
+
+    monkeypatch.setattr(metadata, "MetadataScraper", Tracked)
+
+    async def main() -> Status:
+        env_cache = EnvCache(cache_root() / "envs", 20 << 30)
+        await env_cache.start()
+        executor = Executor(ExecutorSettings(root=tmp_path / "root", hostname="test-host", stores=Stores(),
+                                             env_cache=env_cache))
+        gc.collect()
+        gc.disable()
+        try:
+            outcome = await executor.run(request, queue="local_x")
+            assert scrapers and all(ref() is None for ref in scrapers), "the attempt is in a reference cycle"
+        finally:
+            gc.enable()
+        return outcome.status
+
+    status = trio.run(main)
+    assert status is {"success": Status.SUCCESS, "failure": Status.FAILED, "fault": Status.FAULT}[kind]
