@@ -203,7 +203,12 @@ OPTIONS: tuple[Option, ...] = (
            "ignore the per-consumer timeout (before 3.11.15), experiments whose deadline exceeds it get a "
            "warning: the broker will requeue their message while they run.", "duration"),
     Option("poll-interval", units.parse_duration, "0.2s",
-           "How often idle queues are polled for new messages.", "duration", minimum=0.05),
+           "How often local queues are polled where the file system reports no changes (--queue-watch "
+           "off, or no inotify); otherwise an idle runner waits for file events and broker deliveries.",
+           "duration", minimum=0.05),
+    Option("queue-watch", _bool, "true",
+           "Wait for file-system events on the local queue root instead of polling it (falls back to "
+           "polling by itself when no events arrive, e.g. on some network file systems).", "bool"),
     Option("rescan-interval", units.parse_duration, "10s",
            "How often the set of queues is listed again (new queues served, deleted ones dropped).",
            "duration", minimum=1.0),

@@ -180,7 +180,8 @@ class _Attempt:
         self.output = OutputLog(expdir / "output" / "output", self.redactor, self.scraper,
                                 request.experiment.key,
                                 on_line=lambda text: registry.output(record, text))
-        scrape_name = metadata.scrape_file_name(self.s.hostname, outcome.started, request.experiment.key)
+        scrape_name = metadata.scrape_file_name(self.s.hostname, outcome.started, request.experiment.key,
+                                                outcome.attempt_id)
         self.sync = ArtifactSync(self.s.stores, request, expdir, self.output, self.scraper, scrape_name,
                                  on_checkpoint=lambda final: registry.checkpointed(record, final))
 

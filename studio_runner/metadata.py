@@ -79,15 +79,18 @@ def attempt_id(host: str, when: float) -> str:
     return f"{host}-{base62(int(when))}"
 
 
-def scrape_file_name(host: str, when: float, experiment_key: str = "") -> str:
+def scrape_file_name(host: str, when: float, experiment_key: str = "", attempt: str = "") -> str:
     """File name of an attempt's scrape under ``_metadata/``; re-scrapes of one attempt overwrite it.
 
     Go names it ``scrape-host-<host>-<base62 secs>.json``; every experiment of a bucket shares ``metadata/``,
-    so two experiments starting in the same second on one host would overwrite each other's document. With
-    ``experiment_key`` a short hash of it is appended (the name still sorts by time)."""
+    so two experiments starting in the same second on one host would overwrite each other's document, and so
+    would two attempts of one experiment (a quick retry, or two runners on hosts of the same name). With
+    ``experiment_key`` (and the attempt's id) a short hash of them is appended (the name still sorts by
+    time)."""
     suffix = ""
     if experiment_key:
-        suffix = "-" + hashlib.blake2b(experiment_key.encode(), digest_size=4).hexdigest()
+        unique = experiment_key + ("\0" + attempt if attempt else "")
+        suffix = "-" + hashlib.blake2b(unique.encode(), digest_size=4).hexdigest()
     return f"scrape-host-{attempt_id(host, when)}{suffix}.json"
 
 

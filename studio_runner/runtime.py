@@ -52,7 +52,8 @@ def build_backends(settings: Settings, runner_id: str) -> list[QueueBackend]:
     if not backends or settings.explicitly_set("queue-root"):
         from studio_runner.queues.localdir import LocalDirQueue
 
-        backends.append(LocalDirQueue(settings.queue_root, runner_id))
+        backends.append(LocalDirQueue(settings.queue_root, runner_id, watch=settings.queue_watch,
+                                      poll_interval=settings.poll_interval))
     return backends
 
 

@@ -63,6 +63,9 @@ class IntakeSettings:
     queue_match: str = r"^(rmq|sqs|local)_.*$"
     queue_mismatch: str = ""
     poll_interval: float = 0.2
+    idle_repoll: float = 5.0
+    """With nothing found, intake waits on the backends (file events, broker consumers) and polls every
+    queue again after this long at most (the safety net for a change a backend could not see)."""
     rescan_interval: float = 10.0
     abort_check_interval: float = 10.0
     max_running: int = 1
@@ -172,9 +175,12 @@ class Supervisor:
             for name in sorted(names):
                 if queue_selected(name, self.s.queue_match, self.s.queue_mismatch):
                     queues.append((backend, name))
-        if [q[1] for q in queues] != [q[1] for q in self._queues]:
+        changed = [q[1] for q in queues] != [q[1] for q in self._queues]
+        if changed:
             log.info("serving %d queue(s): %s", len(queues), ", ".join(q[1] for q in queues) or "none")
         self._queues = queues
+        if changed:
+            self._notify()  # intake may be waiting on the old list: look at the new queues now
 
     async def _rescan_loop(self) -> None:
         while True:
@@ -214,11 +220,34 @@ class Supervisor:
             elif once and not self._held and outage:
                 log.error("giving up --once: %s", outage)
                 return
-            wait = self.s.poll_interval if self._has_room() and not outage else 5.0
+            idle = self._has_room() and not outage
+            wait = self._idle_wait() if idle else 5.0
             with trio.move_on_after(wait):
                 async with trio.open_nursery() as waiter:
                     waiter.start_soon(_wake_on, self._wake, waiter.cancel_scope)
                     waiter.start_soon(_wake_on_health, self.health, waiter.cancel_scope)
+                    if idle:  # first one wins: new work, a wake event, or the re-poll deadline
+                        for backend, names in self._waitable_queues():
+                            waiter.start_soon(_wake_on_work, backend, names, wait, self.s.poll_interval,
+                                              waiter.cancel_scope)
+
+    def _waitable_queues(self) -> list[tuple[QueueBackend, list[str]]]:
+        """Served queues intake would receive from now, by backend (a paused queue must not wake it)."""
+        now = trio.current_time()
+        by_backend: dict[int, tuple[QueueBackend, list[str]]] = {}
+        for backend, name in self._queues:
+            if self._paused_until.get((backend.kind, name), 0.0) > now:
+                continue
+            if not self._fits_last_demand(backend.kind, name, now):
+                continue
+            by_backend.setdefault(id(backend), (backend, []))[1].append(name)
+        return list(by_backend.values())
+
+    def _idle_wait(self) -> float:
+        """Until the safety re-poll, or until the first paused queue may be served again."""
+        now = trio.current_time()
+        pauses = [until - now for until in self._paused_until.values() if until > now]
+        return min([self.s.idle_repoll, *pauses])
 
     def _has_room(self) -> bool:
         """A slot is free and the ledger has a core free (every experiment reserves at least one)."""
@@ -505,6 +534,17 @@ _ACTION_WORDS = {
 
 async def _wake_on(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
+    scope.cancel()
+
+
+async def _wake_on_work(backend: QueueBackend, queues: list[str], timeout: float, poll_interval: float,
+                        scope: trio.CancelScope) -> None:
+    try:
+        await backend.wait_for_work(queues, timeout)
+    except Exception as exc:  # a backend that cannot wait must not stall intake: poll it instead
+        log.warning("waiting for work on %s queues failed (%s: %s); polling", backend.kind,
+                    type(exc).__name__, exc)
+        await trio.sleep(poll_interval)
     scope.cancel()
 
 

@@ -300,6 +300,9 @@ def test_attempt_id_and_scrape_file_name() -> None:
     assert scrape_file_name("node7", 62) == "scrape-host-node7-10.json"
     named = scrape_file_name("node7", 62, "exp-a")
     assert named.startswith("scrape-host-node7-10-") and named != scrape_file_name("node7", 62, "exp-b")
+    # two attempts of one experiment in the same second keep a document each
+    assert scrape_file_name("node7", 62, "exp-a", "node7-10-ab12") != scrape_file_name("node7", 62, "exp-a",
+                                                                                      "node7-10-cd34")
     earlier, later = (attempt_id("h", t) for t in (1631664007, 1631664008))
     assert earlier < later
 

@@ -8,12 +8,18 @@ message must reach another runner.
 
 Optional broker features are part of the protocol, with a do-nothing answer where a broker has no such
 thing (``keep_alive`` for brokers without leases, ``deadline_warning`` for brokers without a delivery
-timeout), so the supervisor never probes backends with ``getattr``. The contract suite in
+timeout), so the supervisor never probes backends with ``getattr``.
+
+An idle runner must cost next to nothing, so the supervisor does not poll ``receive`` on every queue all the
+time: after a round that found nothing it calls ``wait_for_work``, which each backend answers the cheapest
+way it has (file system events, a broker consumer, an event set on publish), and polls again only when that
+returns. The contract suite in
 ``tests/queues/test_contract.py`` runs every backend through the same checks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import trio
@@ -76,6 +82,16 @@ class QueueBackend(Protocol):
 
     async def receive(self, queue: str) -> Delivery | None:
         """Claim the next message of ``queue``, or return None at once when there is none."""
+
+    async def wait_for_work(self, queues: Sequence[str], timeout: float) -> None:
+        """Return when one of ``queues`` may have a message, or after ``timeout`` seconds.
+
+        Spurious returns are allowed (the caller just polls once more); a missed message is not: a message
+        that arrived after the caller's last ``receive`` of its queue makes this return at once or within
+        the backend's pickup latency (0.2 s at most). The caller polls every queue again at least every
+        ``timeout``, which is the safety net for events a backend cannot see. A backend may hold a message
+        for its queue's next ``receive`` (one per queue at most) and gives it back, without counting an
+        attempt, if nobody asks for it soon."""
 
     async def exists(self, queue: str) -> bool:
         """Whether ``queue`` still exists; deleting a queue aborts its running experiments."""

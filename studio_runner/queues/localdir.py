@@ -24,10 +24,19 @@ Claim scheme (at-least-once, no servers, any number of runner processes on one h
    it, nack and release rename it back with its name and mtime (it keeps its place in line; nack also counts
    the attempt in ``.attempts``), set_aside moves it aside. A lease whose file someone else moved or deleted
    is lost: its descriptor is closed and settling it does nothing.
-4. A dead runner's locks die with it: every discover() and receive() probes in-flight files, and one whose
-   lock can be taken goes back to its queue, counted as an attempt (or aside, "queue deleted", if it is gone).
+4. A dead runner's locks die with it: every discover() and every scan of a queue probes in-flight files;
+   one whose lock can be taken goes back to its queue, counted as an attempt (or aside, "queue deleted", if
+   it is gone).
 5. Bookkeeping stays in hidden sibling directories, so neither the client's ``has_next()`` nor discover()
    mistakes it for messages or queues.
+
+Waiting: an idle runner does not poll. :class:`~studio_runner.queues.fswatch.RootWatch` watches the root
+for changes (inotify), ``wait_for_work`` returns when a waited-for queue changed, and ``receive`` skips the
+scan of a queue found idle (no message file, nothing of another runner's in flight) that has not changed
+since. Queues that are not idle (a file still being written, a client's lock, another runner's claim whose
+runner may die) are scanned on every round, which the supervisor runs at least every ``timeout`` of its wait.
+Where the root cannot be watched, or turns out not to report changes, ``wait_for_work`` polls every
+``poll_interval`` as before (``watch=False`` forces that).
 
 Needs a local filesystem with real ``flock(2)`` semantics (not NFS, where Linux emulates it with per-process
 POSIX locks). A delivery still held when the runner closes stays in flight and is recovered by the next
@@ -49,13 +58,14 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from studio_runner.errors import ConfigError
+from studio_runner.queues.fswatch import RootWatch
 
 if TYPE_CHECKING:
     from studio_runner.queues.base import Delivery, QueueBackend
@@ -185,10 +195,12 @@ class LocalDelivery:
     async def nack(self) -> None:
         """Count this attempt and put the message back under its own name and mtime."""
         await self._settle("nack", self._nack_sync)
+        self._backend._watch.changed(self.queue)  # after the rename, so no scan can outrun it
 
     async def release(self) -> None:
         """Put the message back under its own name and mtime without counting an attempt."""
         await self._settle("release", self._release_sync)
+        self._backend._watch.changed(self.queue)
 
     async def set_aside(self, reason: str) -> None:
         """Move the message to ``.set-aside/<queue>/`` with a ``.reason.txt`` beside it."""
@@ -271,12 +283,14 @@ class LocalDirQueue:
     kind = "local"
 
     def __init__(self, root: Path, runner_id: str, stale_after: float = 60.0, *, settle_after: float = 0.0,
-                 malformed_after: float = 30.0) -> None:
+                 malformed_after: float = 30.0, watch: bool = True, poll_interval: float = 0.2) -> None:
         """``stale_after``: age at which a client's lock.lock is ignored (its writer died).
         ``settle_after``: minimum file age before a message is taken. 0 by default: the client writes while
         holding lock.lock, and a file is only taken once it parses as complete JSON, so waiting would only
-        add latency to every experiment.
-        ``malformed_after``: age at which a file still not JSON is delivered anyway, to be set aside."""
+        add latency to every experiment (with more, a file is taken at the next round after it settled).
+        ``malformed_after``: age at which a file still not JSON is delivered anyway, to be set aside.
+        ``watch``: wait for file system events; False polls every ``poll_interval`` instead (also the
+        fallback where the root cannot be watched)."""
         self.root = Path(root)
         self.runner_id = runner_id
         self.stale_after = stale_after
@@ -292,6 +306,7 @@ class LocalDirQueue:
         self._reported: collections.OrderedDict[tuple[str, str], tuple[Identity | None, str]] = \
             collections.OrderedDict()
         """Files whose problem was logged, so a file that fails on every poll is reported once."""
+        self._watch = RootWatch(self.root, enabled=watch, poll_interval=poll_interval)
 
     # -- public API -------------------------------------------------------------------------------------
 
@@ -314,7 +329,20 @@ class LocalDirQueue:
         """Claim the oldest settled message of ``queue``, or None. A file that cannot be checked or claimed
         is skipped (and reported once), never raised: it must not hold up the messages behind it."""
         _check_queue_name(queue)
-        return await trio.to_thread.run_sync(self._receive_sync, queue)
+        if self._watch.known_idle(queue):  # found idle, and no change since: no need to look again
+            await trio.lowlevel.checkpoint()
+            return None
+        started = self._watch.scan_started()
+        delivery, idle = await trio.to_thread.run_sync(self._receive_sync, queue)
+        self._watch.scan_finished(queue, started, idle)
+        return delivery
+
+    async def wait_for_work(self, queues: Sequence[str], timeout: float) -> None:
+        """Return when one of ``queues`` changed (a file written, renamed, removed), or after ``timeout``;
+        after ``poll_interval`` where the root cannot be watched."""
+        for queue in queues:
+            _check_queue_name(queue)
+        await self._watch.wait(queues, timeout, self._probe_sync)
 
     async def exists(self, queue: str) -> bool:
         """The queue directory still exists (the client deletes it to abort)."""
@@ -326,7 +354,8 @@ class LocalDirQueue:
 
     async def aclose(self) -> None:
         """Release every lease still held; those messages are recovered by the next runner's probe, and the
-        deliveries are lost (settling them does nothing)."""
+        deliveries are lost (settling them does nothing). Stop watching the root."""
+        self._watch.close()
         with self._guard:
             live = [d for d in self._held.values() if d is not None and d._fd is not None and not d._settled]
             fds = []
@@ -362,7 +391,9 @@ class LocalDirQueue:
                     raise TimeoutError(f"{lock} held for more than {lock_timeout} s") from None
                 await trio.sleep(0.05)
         try:
-            return await trio.to_thread.run_sync(self._write_message, qdir, body)
+            name = await trio.to_thread.run_sync(self._write_message, qdir, body)
+            self._watch.changed(queue)
+            return name
         finally:
             if owned:
                 lock.unlink(missing_ok=True)
@@ -383,15 +414,17 @@ class LocalDirQueue:
 
     # -- claim ------------------------------------------------------------------------------------------
 
-    def _receive_sync(self, queue: str) -> LocalDelivery | None:
-        self._recover_queue(queue)
+    def _receive_sync(self, queue: str) -> tuple[LocalDelivery | None, bool]:
+        """The claimed delivery, and whether the queue was idle: no message file at all and nothing of
+        another runner in flight (so nothing can turn up without a change event)."""
+        others_in_flight = self._recover_queue(queue)
         qdir = self.root / queue
         if self._lock_is_fresh(qdir / LOCK_NAME):
-            return None
+            return None, False
         try:
             entries = list(os.scandir(qdir))
         except (FileNotFoundError, NotADirectoryError):
-            return None
+            return None, not others_in_flight
         candidates: list[tuple[int, str, Identity]] = []
         for e in entries:
             if not _is_message_name(e.name):
@@ -403,6 +436,8 @@ class LocalDirQueue:
             except OSError:  # gone meanwhile; anything else shows when we try to claim it
                 continue
         self._forget_others(queue, [name for _, name, _ in candidates])
+        if not candidates:
+            return None, not others_in_flight
         for mtime_ns, name, ident in sorted(candidates):
             age = time.time() - mtime_ns / 1e9
             if age < self.settle_after:
@@ -415,8 +450,30 @@ class LocalDirQueue:
                 self._report_once(queue, name, ident, exc)
                 continue
             if delivery is not None:
-                return delivery
-        return None
+                return delivery, False
+        return None, False
+
+    def _probe_sync(self, queues: list[str]) -> dict[str, float]:
+        """For each of ``queues`` holding message files, the age (s) of the newest (by ctime, which a rename
+        into the queue updates too): the watcher's check that no file arrived unannounced."""
+        now = time.time()
+        found: dict[str, float] = {}
+        for queue in queues:
+            try:
+                entries = list(os.scandir(self.root / queue))
+            except OSError:
+                continue
+            for e in entries:
+                if not _is_message_name(e.name):
+                    continue
+                try:
+                    if e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        age = now - max(st.st_ctime, st.st_mtime)
+                        found[queue] = min(found.get(queue, age), age)
+                except OSError:
+                    continue
+        return found
 
     def _try_claim(self, queue: str, name: str) -> LocalDelivery | None:
         src = str(self.root / queue / name)
@@ -497,31 +554,40 @@ class LocalDirQueue:
             pass  # the client creates the root with its first queue
         return sorted(names), self._lost_sync()
 
-    def _recover_queue(self, queue: str) -> None:
+    def _recover_queue(self, queue: str) -> int:
+        """Return dead runners' messages to ``queue``; the count of in-flight files left to live runners."""
         idir = self.root / INFLIGHT / queue
+        others = 0
         for entry in self._listdir(idir):
             path = str(idir / entry)
             with self._guard:
                 if path in self._held:
                     continue
             try:
-                self._recover_one(queue, entry, path)
+                if not self._recover_one(queue, entry, path):
+                    others += 1
             except Exception as exc:  # one stuck file must not stop the probe (nor the receive behind it)
                 self._report_once(f"{INFLIGHT}/{queue}", entry, None, exc)
+                others += 1
+        return others
 
-    def _recover_one(self, queue: str, entry: str, path: str) -> None:
+    def _recover_one(self, queue: str, entry: str, path: str) -> bool:
+        """Recover one in-flight file if its runner is gone; False when it is still held (or in the way)."""
         try:
             fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            return True
         except OSError:
-            return
+            return False
         try:
             if not (_try_lock(fd) and _same_file(fd, path)):
-                return  # its runner is alive, or someone else is recovering it right now
+                return False  # its runner is alive, or someone else is recovering it right now
             name = entry.rsplit("~", 1)[0]
             handed_back = self._read_attempts(queue, name) + 1  # the interrupted run counts
             self._write_attempts(queue, name, handed_back)
             log.warning("recovering %s/%s from a runner that went away (%s)", queue, name, entry)
             self._return_or_set_aside(queue, name, path, handed_back)
+            return True
         finally:
             os.close(fd)
 

@@ -5,7 +5,8 @@ place in line; nack counts an attempt and release does not; a delivery still hel
 :meth:`MemoryQueue.aclose` goes back as if its runner had died (one attempt counted) and is lost;
 :meth:`MemoryQueue.lose` plays a broker that took a claim back (RabbitMQ channel closed, SQS visibility
 lapsed) so tests can drive ``Delivery.lost`` and ``Delivery.lost_reason``. Like the real backends, settling
-a lost delivery does nothing, and settling twice is logged rather than raised.
+a lost delivery does nothing, and settling twice is logged rather than raised. ``wait_for_work`` returns when
+a message was published or handed back to one of the watched queues since the last return that covered it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -121,6 +122,9 @@ class MemoryQueue:
         self.nacked: list[Record] = []
         self.released: list[Record] = []
         self.set_aside_items: list[Record] = []
+        self._unseen: set[str] = set()
+        """Queues that got a message since a wait_for_work covering them last returned."""
+        self._arrived = trio.Event()
 
     # -- test helpers -------------------------------------------------------------------------------------
 
@@ -129,6 +133,7 @@ class MemoryQueue:
         seq = next(self._seq)
         message_id = f"m{seq}"
         self._queues.setdefault(queue, []).append(_Message(seq, message_id, bytes(body)))
+        self._announce(queue)
         return message_id
 
     def create_queue(self, queue: str) -> None:
@@ -187,6 +192,16 @@ class MemoryQueue:
         await trio.lowlevel.checkpoint()
         return queue in self._queues
 
+    async def wait_for_work(self, queues: Sequence[str], timeout: float) -> None:
+        """Return once a message arrives in one of ``queues`` (or arrived since the last return that
+        covered that queue), or after ``timeout``."""
+        wanted = set(queues)
+        with trio.move_on_after(timeout):
+            while not self._unseen & wanted:
+                await self._arrived.wait()
+        self._unseen -= wanted
+        await trio.lowlevel.checkpoint()
+
     async def aclose(self) -> None:
         """Unfinished deliveries go back, one attempt counted, as when a runner dies; they are lost."""
         await trio.lowlevel.checkpoint()
@@ -201,6 +216,12 @@ class MemoryQueue:
             self.set_aside_items.append(record)
             return
         bisect.insort(waiting, message)
+        self._announce(queue)
+
+    def _announce(self, queue: str) -> None:
+        self._unseen.add(queue)
+        self._arrived.set()
+        self._arrived = trio.Event()
 
 
 if TYPE_CHECKING:  # mypy proves that this backend honours the protocol; nothing runs

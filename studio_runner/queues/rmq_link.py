@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import hashlib
 import logging
 import random
 import threading
@@ -32,6 +33,12 @@ SET_ASIDE_QUEUE = "studio-runner.set-aside"
 _TICK = 0.25
 _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
+_TEND_EVERY = 0.5
+"""Seconds between checks of the standing consumers (hold and linger are seconds long; with hundreds of
+consumers, checking on every tick would be the idle runner's largest cost)."""
+_MAX_WATCHES = 1000
+"""Standing consumers at most (one channel each), and never more than half the negotiated channel_max
+(RabbitMQ's default is 2047): queues beyond that are found by the supervisor's periodic re-poll only."""
 LATER = object()
 
 
@@ -125,6 +132,28 @@ class _Pending:
         self.message: tuple[Any, Any, bytes] | None = None
 
 
+class _Watch:
+    """A standing consumer on one queue (IO thread) for ``wait_for_work``: prefetch 1, so it holds at most
+    one message, which wakes the waiters and is kept, unacknowledged, for the queue's next receive()."""
+
+    def __init__(self, queue: str, channel: Any, close_reason: list[str],
+                 token: trio.lowlevel.TrioToken) -> None:
+        self.queue, self.channel, self.close_reason, self.token = queue, channel, close_reason, token
+        self.tag: str | None = None
+        self.message: tuple[Any, Any, bytes] | None = None
+        self.since = 0.0
+
+
+class Waiter:
+    """One ``wait_for_work`` in progress (trio side): set when a watched queue has a message held for it, or
+    when the connection comes back (its consumers must be set up again)."""
+
+    def __init__(self, queues: frozenset[str], token: trio.lowlevel.TrioToken) -> None:
+        self.queues = queues
+        self.token = token
+        self.event = trio.Event()
+
+
 def _watch_close(channel: Any) -> list[str]:
     """Record why the broker closed ``channel`` (pika's BlockingChannel has no public close callback)."""
     reason: list[str] = []
@@ -138,11 +167,16 @@ class Link(threading.Thread):
     """The IO thread: owns the AMQP connection, reconnects after losing it, serves calls from trio."""
 
     def __init__(self, params: pika.URLParameters, display_url: str, receive_wait: float,
-                 set_aside_queue: str, delivery_factory: Callable[[Held], Any]) -> None:
+                 set_aside_queue: str, delivery_factory: Callable[[Held], Any], *, watch_hold: float = 2.0,
+                 watch_linger: float = 2.0) -> None:
+        """``watch_hold``: how long a message a standing consumer took may wait for its receive() before it
+        is given back; ``watch_linger``: how long a consumer outlives the last wait for its queue."""
         super().__init__(name="studio-runner-amqp", daemon=True)
         self._params = params
         self._display = display_url
         self._receive_wait = receive_wait
+        self._watch_hold = watch_hold
+        self._watch_linger = watch_linger
         self._set_aside_queue = set_aside_queue
         self._delivery_factory = delivery_factory
         self._lock = threading.Lock()
@@ -155,6 +189,12 @@ class Link(threading.Thread):
         self._aside_declared = False
         self._pending: list[_Pending] = []
         self._held: set[Held] = set()
+        self._watches: dict[str, _Watch] = {}
+        """Standing consumers by queue; changed on the IO thread, read by trio, both under ``_lock``."""
+        self._waiters: list[Waiter] = []
+        self._wanted_until: dict[str, float] = {}
+        self._watch_limit_logged = False
+        self._next_tend = 0.0
 
     # --- called from other threads -------------------------------------------------------------
     def submit(self, call: Call) -> bool:
@@ -170,6 +210,42 @@ class Link(threading.Thread):
     def stop(self) -> None:
         self._stopping.set()
         self._wake(self._conn)
+
+    def add_waiter(self, queues: frozenset[str], token: trio.lowlevel.TrioToken) -> Waiter:
+        """Register a wait_for_work; its event is set at once when a consumer already holds a message."""
+        waiter = Waiter(queues, token)
+        with self._lock:
+            self._waiters.append(waiter)
+            ready = any(w.message is not None for q in queues if (w := self._watches.get(q)) is not None)
+        if ready:
+            waiter.event.set()
+        return waiter
+
+    def remove_waiter(self, waiter: Waiter) -> None:
+        """The wait is over; its queues' consumers stay for ``watch_linger`` (the supervisor's next wait
+        usually follows within milliseconds) and are cancelled after that."""
+        until = time.monotonic() + self._watch_linger
+        with self._lock:
+            self._waiters.remove(waiter)
+            for queue in waiter.queues:
+                self._wanted_until[queue] = until
+
+    def watched_and_empty(self, queue: str) -> bool:
+        """A consumer of ours is attached to ``queue`` and was given nothing: the queue has nothing for us
+        (a message arriving now goes to that consumer and wakes the waiters)."""
+        with self._lock:
+            watch = self._watches.get(queue)
+            return watch is not None and watch.tag is not None and watch.message is None
+
+    def _wake_waiters(self, queue: str | None) -> None:
+        """Set the events of the waiters for ``queue`` (all of them for None); any thread."""
+        with self._lock:
+            targets = [w for w in self._waiters if queue is None or queue in w.queues]
+        for waiter in targets:
+            try:
+                waiter.token.run_sync_soon(waiter.event.set)
+            except trio.RunFinishedError:
+                pass
 
     @staticmethod
     def _wake(conn: Any) -> None:
@@ -201,6 +277,7 @@ class Link(threading.Thread):
                 self._conn, self.connected = conn, True
                 self._pub, self._aside_declared = None, False
             self.first_attempt.set()
+            self._wake_waiters(None)  # a wait started while disconnected sets up its consumers now
             try:
                 self._serve(conn)
             except Exception as exc:
@@ -225,6 +302,8 @@ class Link(threading.Thread):
         for pending in self._pending:
             pending.call.finish(None)
         self._pending.clear()
+        with self._lock:
+            self._watches.clear()  # a message a consumer held goes back with the connection
         for held in list(self._held):
             self._lose(held, why)
         try:
@@ -239,9 +318,12 @@ class Link(threading.Thread):
             while self._calls and not self._stopping.is_set():
                 self._execute(self._calls.popleft())
             self._check_pending()
+            self._tend_watches()
             for held in list(self._held):
                 if held.channel.is_closed:
                     self._lose(held, held.close_reason[0] if held.close_reason else "channel closed")
+        for watch in list(self._watches.values()):  # shutting down: give held messages back uncounted
+            self._drop_watch(watch)
 
     def _execute(self, call: Call) -> None:
         try:
@@ -277,9 +359,119 @@ class Link(threading.Thread):
         except trio.RunFinishedError:
             pass
 
+    # wait_for_work ----------------------------------------------------------------------------------
+    def ensure_watches(self, queues: list[str], arguments: dict[str, Any] | None,
+                       token: trio.lowlevel.TrioToken, call: Call) -> None:
+        """Attach a standing consumer (own channel, prefetch 1) to each of ``queues`` that has none; a queue
+        that cannot be consumed from (deleted, exclusive) is left to the supervisor's re-poll."""
+        channel_max = getattr(getattr(self._conn, "_impl", None), "params", self._params).channel_max or 65535
+        limit = min(_MAX_WATCHES, max(1, channel_max // 2))
+        for queue in queues:
+            if queue in self._watches:
+                continue
+            if len(self._watches) >= limit:
+                if not self._watch_limit_logged:
+                    log.warning("more than %d RabbitMQ queues to wait on: the rest are polled every few "
+                                "seconds only", limit)
+                    self._watch_limit_logged = True
+                return
+            channel = self._conn.channel()
+            watch = _Watch(queue, channel, _watch_close(channel), token)
+            try:
+                channel.basic_qos(prefetch_count=1)
+                with self._lock:
+                    self._watches[queue] = watch
+                tag = channel.basic_consume(queue, partial(self._on_watched_message, watch), auto_ack=False,
+                                            arguments=arguments)
+                with self._lock:
+                    watch.tag = tag
+            except pex.AMQPChannelError as exc:
+                log.debug("cannot wait on queue %s: %s", queue, exc)
+                with self._lock:
+                    self._watches.pop(queue, None)
+                _close_quietly(channel)
+
+    def _on_watched_message(self, watch: _Watch, _channel: Any, method: Any, properties: Any,
+                            body: bytes) -> None:
+        with self._lock:
+            watch.message = (method, properties, body)
+            watch.since = time.monotonic()
+        self._wake_waiters(watch.queue)
+
+    def _tend_watches(self) -> None:
+        """Give back a held message nobody asked for within ``watch_hold`` (without counting an attempt),
+        cancel consumers nobody waited on for ``watch_linger`` (the runner is busy: it must not take work
+        it cannot start), forget consumers the broker cancelled or whose channel it closed."""
+        now = time.monotonic()
+        if not self._watches or now < self._next_tend:
+            return
+        self._next_tend = now + _TEND_EVERY
+        with self._lock:
+            waited = {q for waiter in self._waiters for q in waiter.queues}
+            watches = list(self._watches.values())
+        for watch in watches:
+            if watch.channel.is_closed:
+                self._forget_watch(watch)  # the broker took back whatever it held
+            elif watch.message is not None:
+                if now - watch.since > self._watch_hold:
+                    self._drop_watch(watch)
+            elif watch.tag is not None and watch.tag not in watch.channel.consumer_tags:
+                self._drop_watch(watch)  # cancelled by the broker (queue deleted)
+            elif watch.queue not in waited and now > self._wanted_until.get(watch.queue, 0.0):
+                self._drop_watch(watch)
+        with self._lock:
+            for queue in [q for q, until in self._wanted_until.items() if until < now and q not in waited]:
+                del self._wanted_until[queue]
+
+    def _forget_watch(self, watch: _Watch) -> None:
+        with self._lock:
+            if self._watches.get(watch.queue) is watch:
+                del self._watches[watch.queue]
+
+    def _drop_watch(self, watch: _Watch) -> None:
+        """Cancel the consumer, give its message back as the same attempt (re-published: a requeue would
+        count as a crash), close its channel."""
+        self._forget_watch(watch)
+        try:
+            if watch.tag is not None and watch.tag in watch.channel.consumer_tags:
+                # with a message held (prefetch 1) nothing else can be in flight to be rejected; without one
+                # pika rejects a delivery that crosses the cancel, which then comes back as a redelivery
+                watch.channel.basic_cancel(watch.tag)
+            if watch.message is not None:
+                method, properties, body = watch.message
+                held = Held(watch.channel, method, properties, body, watch.queue, watch.token,
+                            watch.close_reason)
+                log.info("giving back message %s of queue %s: the runner did not take it within %.0f s",
+                         properties.message_id or "sha256:" + hashlib.sha256(body).hexdigest()[:16],
+                         watch.queue, self._watch_hold)
+                self._republish(held, held.attempt)
+        except pex.AMQPChannelError:
+            pass  # the channel is gone: the broker has the message back already
+        finally:
+            _close_quietly(watch.channel)
+
+    def _claim_watched(self, watch: _Watch, token: trio.lowlevel.TrioToken) -> Any:
+        """Turn a consumer's held message into a delivery; the consumer is cancelled, so the channel carries
+        this one message only (as a receive()'s own channel does)."""
+        self._forget_watch(watch)
+        assert watch.message is not None
+        try:
+            if watch.tag is not None and watch.tag in watch.channel.consumer_tags:
+                watch.channel.basic_cancel(watch.tag)
+        except pex.AMQPChannelError:
+            return None  # channel gone: the broker requeued the message
+        method, properties, body = watch.message
+        held = Held(watch.channel, method, properties, body, watch.queue, token, watch.close_reason)
+        held.delivery = self._delivery_factory(held)
+        self._held.add(held)
+        return held.delivery
+
     # receive --------------------------------------------------------------------------------------
     def begin_receive(self, queue: str, arguments: dict[str, Any] | None, token: trio.lowlevel.TrioToken,
                       call: Call) -> Any:
+        watch = self._watches.get(queue)
+        if watch is not None and watch.message is not None and watch.channel.is_open:
+            return self._claim_watched(watch, token)
         channel = self._conn.channel()
         reason = _watch_close(channel)
         try:

@@ -37,6 +37,9 @@ from studio_runner.queues.rmq_link import REASON_HEADER
 
 PROMPT = 2.0
 """Seconds within which receive() on an empty queue must answer (RabbitMQ answers from a passive declare)."""
+PICKUP = 0.3
+"""Seconds within which wait_for_work must report a message that arrived in a queue it waits on (the target
+is work starting within 0.2 s of its arrival; the rest is the test's own publishing and scheduling)."""
 
 
 class Adapter:
@@ -445,5 +448,108 @@ def test_settling_twice_neither_raises_nor_acts_again(adapter: Adapter) -> None:
         await d.ack()
         assert await backend.receive(a.queue) is None
         assert await a.set_aside_messages() == []
+
+    adapter.run(scenario)
+
+
+# --- wait_for_work ---------------------------------------------------------------------------------------
+
+
+async def serve_until_received(backend: QueueBackend, queue: str, timeout: float) -> tuple[Delivery, int]:
+    """The supervisor's idle loop on one queue: receive, and wait_for_work after finding nothing. Returns
+    the delivery and the number of waits it took."""
+    waits = 0
+    while (delivery := await backend.receive(queue)) is None:
+        await backend.wait_for_work([queue], timeout)
+        waits += 1
+    return delivery, waits
+
+
+def test_wait_for_work_wakes_promptly_when_a_message_arrives(adapter: Adapter) -> None:
+    async def scenario(a: Adapter) -> None:
+        await a.create_queue()
+        backend = a.new_backend()
+        await backend.start()
+        found: list[tuple[Delivery, int]] = []
+        received = trio.Event()
+
+        async def serve() -> None:
+            found.append(await serve_until_received(backend, a.queue, timeout=30))
+            received.set()
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve)
+                await trio.sleep(1.0)  # the loop settles into waiting
+                assert not received.is_set()
+                await a.publish(b'{"n": 1}')
+                published = time.monotonic()
+                await received.wait()
+                latency = time.monotonic() - published
+        [(delivery, waits)] = found
+        assert delivery.body == b'{"n": 1}' and delivery.attempt == 1
+        assert latency < PICKUP
+        assert waits <= 5  # it waited rather than spun (a first wait may return early while setting up)
+        await delivery.ack()
+
+    adapter.run(scenario)
+
+
+def test_wait_for_work_returns_by_its_timeout_when_nothing_arrives(adapter: Adapter) -> None:
+    async def scenario(a: Adapter) -> None:
+        await a.create_queue()
+        backend = a.new_backend()
+        await backend.start()
+        queues = [a.queue, a.missing_queue]  # a queue that does not exist must not break the wait
+        for queue in queues:
+            assert await backend.receive(queue) is None
+        await backend.wait_for_work(queues, 0.5)  # the first wait may return at once (setting up)
+        for _ in range(2):
+            for queue in queues:
+                assert await backend.receive(queue) is None
+            started = time.monotonic()
+            await backend.wait_for_work(queues, 1.0)
+            elapsed = time.monotonic() - started
+            assert 0.5 < elapsed < 1.0 + PICKUP, elapsed  # it waits, and not past its timeout
+        assert await a.waiting() == 0
+
+    adapter.run(scenario)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-wait", "steady-state"])
+def test_a_message_published_before_wait_for_work_is_not_missed(adapter: Adapter, warm: bool) -> None:
+    async def scenario(a: Adapter) -> None:
+        await a.create_queue()
+        backend = a.new_backend()
+        await backend.start()
+        assert await backend.receive(a.queue) is None
+        if warm:  # the loop has been waiting already: its watcher or consumers are set up
+            await backend.wait_for_work([a.queue], 0.5)
+            assert await backend.receive(a.queue) is None
+        await a.publish(b'{"n": 1}')  # arrives after the last receive, before the wait
+        started = time.monotonic()
+        await backend.wait_for_work([a.queue], 10)
+        assert time.monotonic() - started < PICKUP
+        d = await backend.receive(a.queue)
+        assert d is not None and (d.body, d.attempt) == (b'{"n": 1}', 1)
+        await d.ack()
+
+    adapter.run(scenario)
+
+
+def test_a_message_that_woke_a_wait_but_was_not_received_reaches_another_runner_uncounted(
+        adapter: Adapter) -> None:
+    async def scenario(a: Adapter) -> None:
+        await a.create_queue()
+        busy = a.new_backend()
+        await busy.start()
+        assert await busy.receive(a.queue) is None
+        await a.publish(b'{"n": 1}')
+        await busy.wait_for_work([a.queue], 10)  # woken, but its slot filled meanwhile: no receive
+        other = a.new_backend()
+        d = await receive_soon(other, a.queue)  # a backend never keeps what it was not asked for
+        assert (d.body, d.attempt) == (b'{"n": 1}', 1)
+        await d.ack()
+        assert await a.waiting() == 0 and await a.set_aside_messages() == []
 
     adapter.run(scenario)

@@ -599,3 +599,195 @@ def test_what_is_remembered_about_unfinished_files_is_bounded(tmp_path: Path,
     put(tmp_path, "good", "{}", age=1)
     assert receive(q).message_id == "good"
     assert len(q._unfinished) == 0  # files that left the queue are forgotten
+
+
+# --- wait_for_work: watching the root ----------------------------------------------------------------------
+
+
+class ScanCounter:
+    """Counts the directory scans of ``receive`` (the idle fast path makes none)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = LocalDirQueue._receive_sync
+
+        def counting(q: LocalDirQueue, queue: str):  # type: ignore[no-untyped-def]
+            self.count += 1
+            return real(q, queue)
+
+        monkeypatch.setattr(LocalDirQueue, "_receive_sync", counting)
+
+
+async def settle_into_waiting(q: LocalDirQueue, queues: list[str]) -> None:
+    """What the supervisor does: a round, a wait (the first starts the watcher), a round, a timed-out wait."""
+    for wait in (0.3, 0.4):
+        for queue in queues:
+            assert await q.receive(queue) is None
+        await q.wait_for_work(queues, wait)
+
+
+def test_an_idle_queue_is_not_scanned_again_until_it_changes(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    for queue in ("local_t", "local_u"):
+        (tmp_path / queue).mkdir()
+    scans = ScanCounter(monkeypatch)
+    q = LocalDirQueue(tmp_path, "runner-a")
+
+    async def main() -> None:
+        await settle_into_waiting(q, ["local_t"])
+        before = scans.count
+        for _ in range(3):
+            assert await q.receive("local_t") is None
+        assert scans.count == before  # found idle and unchanged: not listed again
+        put(tmp_path, "other", json.dumps(MESSAGE), age=1, queue="local_u")  # a queue nobody waits on
+        started = time.monotonic()
+        await q.wait_for_work(["local_t"], 0.8)
+        assert time.monotonic() - started > 0.5  # its change does not wake a wait for local_t
+        assert await q.receive("local_t") is None and scans.count == before
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(q.wait_for_work, ["local_t"], 10)
+            await trio.sleep(0.3)
+            put(tmp_path, "mine", json.dumps(MESSAGE), age=1)
+            published = time.monotonic()
+        assert time.monotonic() - published < 0.3
+        d = await q.receive("local_t")
+        assert d is not None and d.message_id == "mine" and scans.count == before + 1
+        await d.ack()
+        await q.aclose()
+
+    trio.run(main)
+
+
+def test_a_queue_with_another_runners_claim_is_scanned_every_round(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    put(tmp_path, "m", json.dumps(MESSAGE), age=1)
+    holder = LocalDirQueue(tmp_path, "runner-a")
+    held = receive(holder)
+    assert held is not None
+    scans = ScanCounter(monkeypatch)
+    q = LocalDirQueue(tmp_path, "runner-b")
+
+    async def main() -> None:
+        await settle_into_waiting(q, ["local_t"])
+        before = scans.count
+        assert await q.receive("local_t") is None
+        assert scans.count == before + 1  # its runner may die without a file event: keep looking
+        await holder.aclose()  # ... as it does now, leaving the file in flight
+        await q.wait_for_work(["local_t"], 0.5)  # no event: the round after the timeout finds it
+        d = await q.receive("local_t")
+        assert d is not None and (d.message_id, d.attempt) == ("m", 2)
+        await d.ack()
+        await q.aclose()
+
+    trio.run(main)
+
+
+def test_watch_false_polls_every_poll_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "local_t").mkdir()
+    scans = ScanCounter(monkeypatch)
+    q = LocalDirQueue(tmp_path, "runner-a", watch=False, poll_interval=0.1)
+
+    async def main() -> None:
+        for _ in range(3):
+            assert await q.receive("local_t") is None
+            started = time.monotonic()
+            await q.wait_for_work(["local_t"], 10)
+            assert time.monotonic() - started < 0.3
+        assert scans.count == 3  # every round lists the directory
+
+    trio.run(main)
+
+
+def test_a_watcher_that_cannot_start_falls_back_to_polling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    import watchfiles._rust_notify
+
+    def no_watcher(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "OS file watch limit reached")
+
+    monkeypatch.setattr(watchfiles._rust_notify, "RustNotify", no_watcher)
+    (tmp_path / "local_t").mkdir()
+    q = LocalDirQueue(tmp_path, "runner-a", poll_interval=0.1)
+
+    async def main() -> None:
+        for _ in range(3):
+            assert await q.receive("local_t") is None
+            started = time.monotonic()
+            await q.wait_for_work(["local_t"], 10)
+            assert time.monotonic() - started < 0.3
+        put(tmp_path, "m", json.dumps(MESSAGE), age=1)
+        d = await q.receive("local_t")
+        assert d is not None and d.message_id == "m"
+        await d.ack()
+
+    with caplog.at_level(logging.WARNING, logger="studio_runner.queues.fswatch"):
+        trio.run(main)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "cannot watch it" in warning and "polling every 0.1 s" in warning
+
+
+def test_a_file_system_that_reports_no_changes_is_detected_and_polled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from studio_runner.queues.fswatch import RootWatch
+
+    monkeypatch.setattr(RootWatch, "_queue_of", lambda self, path: None)  # every event is lost
+    (tmp_path / "local_t").mkdir()
+    q = LocalDirQueue(tmp_path, "runner-a", poll_interval=0.1)
+
+    async def main() -> None:
+        await settle_into_waiting(q, ["local_t"])
+        put(tmp_path, "m", json.dumps(MESSAGE), age=5)  # written by another host, say: no event here
+        assert await q.receive("local_t") is None  # believed idle, not listed
+        await trio.sleep(1.2)
+        await q.wait_for_work(["local_t"], 0.5)  # the timed-out wait lists the idle queues
+        d = await q.receive("local_t")
+        assert d is not None and d.message_id == "m"
+        await d.ack()
+        started = time.monotonic()
+        await q.wait_for_work(["local_t"], 10)
+        assert time.monotonic() - started < 0.3  # polling from now on
+
+    with caplog.at_level(logging.WARNING, logger="studio_runner.queues.fswatch"):
+        trio.run(main)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "was never announced" in warning and "polling" in warning
+
+
+def test_a_cancelled_wait_distrusts_every_idle_finding(tmp_path: Path) -> None:
+    (tmp_path / "local_t").mkdir()
+    q = LocalDirQueue(tmp_path, "runner-a")
+
+    async def main() -> None:
+        await settle_into_waiting(q, ["local_t"])
+        assert await q.receive("local_t") is None
+        assert q._watch.known_idle("local_t")
+        with trio.move_on_after(0.3):  # another backend's work or a freed slot woke the supervisor
+            await q.wait_for_work(["local_t"], 10)
+        assert not q._watch.known_idle("local_t")  # the stopped pull dropped what it had gathered
+        await q.aclose()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("settle", ["nack", "release"])
+def test_a_message_this_runner_puts_back_is_seen_by_the_next_receive(tmp_path: Path, settle: str) -> None:
+    """``run --once`` never waits for file events: a message handed back (or released) must be found by the
+    very next receive, even though the queue was known idle and no pull has seen the rename yet."""
+
+    async def main() -> None:
+        queue = LocalDirQueue(tmp_path, "runner-a", settle_after=0.0)
+        try:
+            await queue.enqueue("local_q", b'{"x": 1}')
+            delivery = await queue.receive("local_q")
+            assert delivery is not None
+            assert await queue.receive("local_q") is None
+            await queue.wait_for_work(["local_q"], 0.3)  # pulls: the queue is now known idle
+            assert await queue.receive("local_q") is None
+            await getattr(delivery, settle)()
+            again = await queue.receive("local_q")
+            assert again is not None and again.body == b'{"x": 1}'
+            await again.ack()
+        finally:
+            await queue.aclose()
+
+    trio.run(main)

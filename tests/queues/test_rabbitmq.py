@@ -19,6 +19,7 @@ from support.fixtures import FIXTURES
 from support.rabbitmq import (  # noqa: F401
     channel,
     close_connection_named,
+    declare_like_studioml,
     delete_queue,
     get_one,
     publish_like_studioml,
@@ -443,3 +444,126 @@ def test_aclose_leaves_no_threads_and_returns_held_messages(rabbitmq_url: str, u
              if t not in before and t.is_alive() and not t.name.startswith("Trio thread")]
     assert stray == []
     assert wait_ready_count(rabbitmq_url, unique_queue, 1) == 1
+
+
+# --- wait_for_work: standing consumers ---------------------------------------------------------------------
+
+
+@pytest.mark.rabbitmq
+def test_a_waiting_consumer_holds_one_message_at_most_and_gives_it_back_uncounted(
+        rabbitmq_url: str, unique_queue: str) -> None:
+    declare_like_studioml(rabbitmq_url, unique_queue)
+
+    async def main() -> None:
+        async with RabbitMQQueue(rabbitmq_url, watch_hold=0.5) as backend:
+            assert await backend.receive(unique_queue) is None
+            publish_like_studioml(rabbitmq_url, unique_queue, b'{"n": 1}')
+            publish_like_studioml(rabbitmq_url, unique_queue, b'{"n": 2}')
+            await backend.wait_for_work([unique_queue], 5)
+            assert ready_count(rabbitmq_url, unique_queue) == 1  # prefetch 1: the other one stays ready
+            # nobody receives it (the runner's slot filled): it goes back within the hold time
+            assert await trio.to_thread.run_sync(wait_ready_count, rabbitmq_url, unique_queue, 2) == 2
+            assert unique_queue not in backend._link._watches  # and the consumer took nothing more
+
+    trio.run(main)
+    taken = [get_one(rabbitmq_url, unique_queue) for _ in range(2)]
+    assert sorted(body for _method, _props, body in taken) == [b'{"n": 1}', b'{"n": 2}']
+    for method, props, _body in taken:
+        assert attempt_of(props.headers, method.redelivered) == 1  # given back as a release, not a crash
+
+
+@pytest.mark.rabbitmq
+def test_receive_takes_the_message_the_waiting_consumer_holds(rabbitmq_url: str, unique_queue: str) -> None:
+    declare_like_studioml(rabbitmq_url, unique_queue)
+
+    async def main() -> None:
+        async with RabbitMQQueue(rabbitmq_url) as backend:
+            assert await backend.receive(unique_queue) is None
+            await backend.wait_for_work([unique_queue], 0.3)  # consumers set up, nothing there
+            assert backend._link.watched_and_empty(unique_queue)
+            publish_like_studioml(rabbitmq_url, unique_queue, BODY)
+            started = time.monotonic()
+            await backend.wait_for_work([unique_queue], 5)
+            assert time.monotonic() - started < 0.3
+            delivery = await backend.receive(unique_queue)
+            assert delivery is not None and (delivery.body, delivery.attempt) == (BODY, 1)
+            assert unique_queue not in backend._link._watches  # its channel now carries this delivery only
+            await delivery.nack()
+            again = await receive_soon(backend, unique_queue)
+            assert again.attempt == 2
+            await again.ack()
+
+    trio.run(main)
+    assert ready_count(rabbitmq_url, unique_queue) == 0
+
+
+@pytest.mark.rabbitmq
+def test_a_busy_runner_cancels_its_consumers_and_takes_nothing(rabbitmq_url: str, unique_queue: str) -> None:
+    declare_like_studioml(rabbitmq_url, unique_queue)
+
+    async def main() -> None:
+        async with RabbitMQQueue(rabbitmq_url, watch_linger=0.3) as backend:
+            await backend.wait_for_work([unique_queue], 0.3)
+            assert unique_queue in backend._link._watches
+            await trio.sleep(1.5)  # no wait: the supervisor has no free slot
+            assert backend._link._watches == {}
+            publish_like_studioml(rabbitmq_url, unique_queue, BODY)
+            await trio.sleep(1.0)
+            assert ready_count(rabbitmq_url, unique_queue) == 1  # left for other runners
+            delivery = await backend.receive(unique_queue)  # a free slot again: the usual receive
+            assert delivery is not None and delivery.attempt == 1
+            await delivery.ack()
+
+    trio.run(main)
+
+
+@pytest.mark.rabbitmq
+def test_closing_gives_back_a_held_message_uncounted(rabbitmq_url: str, unique_queue: str) -> None:
+    declare_like_studioml(rabbitmq_url, unique_queue)
+
+    async def main() -> None:
+        async with RabbitMQQueue(rabbitmq_url) as backend:
+            assert await backend.receive(unique_queue) is None
+            publish_like_studioml(rabbitmq_url, unique_queue, BODY)
+            await backend.wait_for_work([unique_queue], 5)
+            assert any(w.message is not None for w in backend._link._watches.values())
+
+    trio.run(main)
+    assert wait_ready_count(rabbitmq_url, unique_queue, 1) == 1
+    method, props, body = get_one(rabbitmq_url, unique_queue)
+    assert body == BODY and attempt_of(props.headers, method.redelivered) == 1
+
+
+@pytest.mark.rabbitmq
+def test_waiting_resumes_after_a_connection_drop(rabbitmq_url: str, unique_queue: str) -> None:
+    declare_like_studioml(rabbitmq_url, unique_queue)
+
+    async def main() -> None:
+        async with RabbitMQQueue(rabbitmq_url) as backend:
+            assert await backend.receive(unique_queue) is None
+            await backend.wait_for_work([unique_queue], 0.3)
+            received = trio.Event()
+            found: list[RabbitMQDelivery] = []
+
+            async def serve() -> None:  # the supervisor's idle loop, re-polling only every 30 s
+                while (delivery := await backend.receive(unique_queue)) is None:
+                    await backend.wait_for_work([unique_queue], 30)
+                found.append(delivery)
+                received.set()
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(serve)
+                    await trio.to_thread.run_sync(close_connection_named, backend.connection_name)
+                    while unique_queue in backend._link._watches:  # the drop is noticed: consumers gone
+                        await trio.sleep(0.05)
+                    while not backend._link.watched_and_empty(unique_queue):  # reconnected, waiting again
+                        await trio.sleep(0.05)
+                    publish_like_studioml(rabbitmq_url, unique_queue, BODY)
+                    published = time.monotonic()
+                    await received.wait()
+                    assert time.monotonic() - published < 0.3
+            assert found[0].attempt == 1
+            await found[0].ack()
+
+    trio.run(main)
