@@ -80,3 +80,21 @@ def test_a_gpu_request_is_never_run_on_the_cpu_and_never_lost(sandbox: Sandbox, 
     assert len(sandbox.pending("local_gpu")) == 1  # still queued, no attempt counted
     assert "wants_gpu from local_gpu can never run on this runner" in log
     assert "only CPU work is taken" in log
+
+
+def test_a_killed_experiment_gives_its_core_and_card_back(sandbox: Sandbox, tmp_path: Path) -> None:
+    """One core and one card: the first experiment dies of SIGKILL (not sent by the runner: its result is
+    'failed'); the second can only run if both were given back."""
+    killer = write_script(tmp_path / "killer", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    script = write_script(tmp_path / "show", SHOW)
+    spans = tmp_path / "spans"
+    cards = tmp_path / "cards.json"
+    cards.write_text(json.dumps([{"uuid": UUIDS[0], "name": "Tesla V100-SXM2-16GB", "memory": "16GiB"}]))
+    submit(Submission(script=killer, queue="local_gpu", experiment="killed", gpus=1), sandbox.queue_root,
+           sandbox.store)
+    enqueue(sandbox, script, "local_gpu", "after", spans, gpus=1)
+    result = sandbox.run_once(timeout=300, STUDIO_RUNNER_GPU_FAKE=str(cards), STUDIO_RUNNER_MAX_CORES="1")
+    log = result.stderr
+    assert "experiment killed on local_gpu: failed" in log, log[-4000:]
+    assert list(spans_of(spans)) == [UUIDS[0]]  # the second ran, on the card the first had
+    assert sandbox.pending("local_gpu") == []
