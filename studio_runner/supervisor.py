@@ -125,6 +125,8 @@ class Supervisor:
         self._paused_until: dict[tuple[str, str], float] = {}
         self._last_demand: dict[tuple[str, str], tuple[Demand, float]] = {}
         self._cards_released = trio.Event()
+        self._twins: dict[tuple[str, str], str] = {}
+        """Queues skipped until an attempt (id) of the experiment they just delivered again has ended."""
         self._next = 0
         self._stopping = trio.Event()
         self._wake = trio.Event()
@@ -236,9 +238,7 @@ class Supervisor:
         now = trio.current_time()
         by_backend: dict[int, tuple[QueueBackend, list[str]]] = {}
         for backend, name in self._queues:
-            if self._paused_until.get((backend.kind, name), 0.0) > now:
-                continue
-            if not self._fits_last_demand(backend.kind, name, now):
+            if not self._queue_open(backend.kind, name, now):
                 continue
             by_backend.setdefault(id(backend), (backend, []))[1].append(name)
         return list(by_backend.values())
@@ -254,6 +254,18 @@ class Supervisor:
         if self.s.max_running and self._running >= self.s.max_running:
             return False
         return self.s.ledger is None or self.s.ledger.has_room
+
+    def _queue_open(self, kind: str, queue: str, now: float) -> bool:
+        """Whether intake receives from this queue now: not paused, its last request would fit, and no
+        attempt here is still running the experiment whose redelivered copy came from it."""
+        if self._paused_until.get((kind, queue), 0.0) > now:
+            return False
+        twin = self._twins.get((kind, queue))
+        if twin is not None:
+            if twin in self._held:
+                return False
+            del self._twins[(kind, queue)]
+        return self._fits_last_demand(kind, queue, now)
 
     def _fits_last_demand(self, kind: str, queue: str, now: float) -> bool:
         """The spec's per-queue memory: skip a queue whose last request would not fit now (for a while)."""
@@ -275,9 +287,7 @@ class Supervisor:
         now = trio.current_time()
         for offset in range(len(queues)):
             backend, name = queues[(self._next + offset) % len(queues)]
-            if self._paused_until.get((backend.kind, name), 0.0) > now:
-                continue
-            if not self._fits_last_demand(backend.kind, name, now):
+            if not self._queue_open(backend.kind, name, now):
                 continue
             try:
                 delivery = await backend.receive(name)
@@ -309,12 +319,28 @@ class Supervisor:
                 held.request = parsed
                 exp = parsed.experiment
                 self.registry.identify(record, exp.key, exp.project)
-                held.early = self._admit(held, parsed)
+                held.early = self._hold_off_twin(held, exp.key) or self._admit(held, parsed)
         except Exception as exc:  # a bug of ours: the message goes back, the runner keeps serving
             log.error("internal error taking message %s", delivery.message_id, exc_info=exc)
             held.early = self._outcome_for(held, Status.FAULT, Action.HAND_BACK,
                                            f"internal error: {type(exc).__name__}")
         work.start_soon(self._handle, held)
+
+    def _hold_off_twin(self, held: _Held, key: str) -> Outcome | None:
+        """Never run one experiment twice at once here: a message redelivered after its claim was lost (broker
+        restart, consumer timeout) while its first attempt still runs, or a resubmission under the same key,
+        is released (uncounted) and its queue skipped until that attempt has ended."""
+        twin = next((other for other in self._held.values()
+                     if other is not held and other.early is None and other.request is not None
+                     and other.request.experiment.key == key), None)
+        if twin is None:
+            return None
+        queue = held.delivery.queue
+        self._twins[(held.backend.kind, queue)] = twin.record.attempt_id
+        log.warning("experiment %s from %s is already running on this runner (attempt id %s): released, and "
+                    "%s skipped until that attempt ends", key, queue, twin.record.attempt_id, queue)
+        return self._outcome_for(held, Status.DEFERRED, Action.RELEASE,
+                                 f"already running here as attempt {twin.record.attempt_id}", key=key)
 
     def _admit(self, held: _Held, request: Request) -> Outcome | None:
         """Reserve the request's resources, or decide to release it (None: admitted)."""

@@ -355,3 +355,19 @@ def test_reservations_are_given_back_on_every_exit(tmp_path: Path) -> None:
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
     assert seen == [1]  # only "long" held cores after everything else ended
     assert ledger.held == {} and ledger.cores_free == 2
+
+
+def test_one_experiment_never_runs_twice_at_once_on_one_runner(tmp_path: Path) -> None:
+    """A copy of a running experiment (redelivered after its claim was lost, or resubmitted under the same
+    key) is released uncounted and waits until the running attempt has ended, though cores are free."""
+    queue = MemoryQueue([QUEUE, "local_other"])
+    queue.publish(QUEUE, body("dup"))
+    queue.publish(QUEUE, body("dup"))
+    queue.publish("local_other", body("other"))
+    executor = ScriptedExecutor(default=(5.0, Status.SUCCESS, Action.ACK))
+    run_once(make(executor, queue, ledger=cores_ledger(tmp_path, 3), max_running=0))
+    dup_starts = [c[3] for c in executor.calls if c[0] == "dup"]
+    assert len(dup_starts) == 2 and dup_starts[1] - dup_starts[0] >= 5.0  # one after the other
+    assert executor.peak == 2  # "other" ran beside the first "dup"
+    assert len(queue.acked) == 3 and not queue.nacked
+    assert [r.attempt for r in queue.released] == [1]
