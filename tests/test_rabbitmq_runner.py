@@ -209,7 +209,8 @@ def start_runner(deployment: Deployment, tmp_path: Path) -> Iterator[Callable[..
 
 def summaries(log: str, key: str) -> list[str]:
     """One supervisor line per finished attempt of ``key``: ``experiment <key> on <queue>: <status> ...``.
-    Releases of a redelivered copy while the first attempt still runs (``deferred``: never run) are left out."""
+    Releases of a redelivered copy while the first attempt still runs (``deferred``: never run) are not
+    counted."""
     return [status for status in re.findall(rf"experiment {re.escape(key)} on \S+: (\w+)", log)
             if status != "deferred"]
 
