@@ -16,6 +16,7 @@ import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from studio_runner.gpus import hidden_environment
 from studio_runner.redact import is_secret_name
 from studio_runner.request import Request
 from studio_runner.resources import thread_settings
@@ -26,10 +27,6 @@ BASE_VARIABLES = (
 )
 """Taken from the runner's environment when set (proxy passwords are masked in the output like any URL
 password). Everything else needs ``--pass-env``."""
-
-NO_GPU = {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": ""}
-"""What an experiment given no card sees: CUDA enumerates no device for an empty list (the Go runner wrote
-``-1``, which some frameworks log as an error)."""
 
 _PERCENT = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
 _DOLLAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
@@ -75,7 +72,7 @@ def experiment_environment(runner_env: Mapping[str, str], request: Request, venv
         "STUDIOML_HOME": str(root),
         "TMPDIR": str(tmpdir),
         "PYTHONUNBUFFERED": "1",
-        **(gpu_env if gpu_env else NO_GPU),
+        **(gpu_env if gpu_env else hidden_environment()),  # "" hides every card (Go wrote -1)
     })
     env.pop("STUDIOML_ARTIFACT_MAPPING", None)
     env.pop("PYTHONHOME", None)

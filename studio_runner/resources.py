@@ -18,7 +18,6 @@ requests without ``cpus`` would start without bound.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -34,8 +33,6 @@ from studio_runner.gpus import GpuDemand, GpuPool, Refusal
 from studio_runner.request import Resources
 from studio_runner.units import format_size
 
-log = logging.getLogger("studio_runner.resources")
-
 
 @dataclass(frozen=True)
 class Demand:
@@ -46,18 +43,19 @@ class Demand:
     disk: int
     gpu: GpuDemand | None = None
 
-    @classmethod
-    def of(cls, resources: Resources, gpu: GpuDemand | None = None) -> Demand:
-        return cls(cores=max(1, resources.cpus), ram=resources.ram, disk=resources.hdd, gpu=gpu)
+    """None when it asks for no card (``Demand.of`` never keeps a demand for nothing)."""
 
-    @property
-    def wants_gpu(self) -> bool:
-        return self.gpu is not None and self.gpu.wanted
+    @classmethod
+    def of(cls, resources: Resources) -> Demand:
+        """A request's ``resources_needed`` in the ledger's terms."""
+        gpu = GpuDemand.from_resources(resources)
+        return cls(cores=max(1, resources.cpus), ram=resources.ram, disk=resources.hdd,
+                   gpu=gpu if gpu.wanted else None)
 
     def describe(self) -> str:
         parts = [f"{self.cores} core{'s' if self.cores != 1 else ''}", f"{format_size(self.ram)} RAM",
                  f"{format_size(self.disk)} disk"]
-        if self.wants_gpu:
+        if self.gpu is not None:
             parts.append(str(self.gpu))
         return ", ".join(parts)
 
@@ -92,10 +90,8 @@ class DoesNotFit(Exception):
     """The demand does not fit now; the message goes back without counting an attempt."""
 
 
-def gpu_demand(resources: Resources) -> GpuDemand | None:
-    """The GPU part of a request (None when it asks for none)."""
-    demand = GpuDemand.from_resources(resources)
-    return demand if demand.wanted else None
+class NeverFits(DoesNotFit):
+    """The demand exceeds this runner's whole capacity: it can never run here."""
 
 
 def usable_cores() -> int:
@@ -191,10 +187,6 @@ class Ledger:
         """Whether any experiment at all could start now (a free core): intake asks before receiving."""
         return self.cores_free >= 1
 
-    def demand_for(self, resources: Resources) -> Demand:
-        """A request's ``resources_needed`` in the ledger's terms."""
-        return Demand.of(resources, gpu_demand(resources))
-
     def refresh(self) -> bool:
         """Re-read the GPUs (fence cards with ECC errors, return drained ones); True when cards came back.
         Blocking (NVML): run it in a worker thread."""
@@ -218,11 +210,7 @@ class Ledger:
         if total is not None and demand.disk > total - cap.disk_reserve:
             return (f"asks for {format_size(demand.disk)} of disk; {self.working_dir} holds "
                     f"{format_size(total)} in all, {format_size(cap.disk_reserve)} of it kept in reserve")
-        if demand.gpu is not None and demand.gpu.wanted:
-            if self.gpus is None:
-                return f"asks for {demand.gpu}; this runner uses no GPUs"
-            return self.gpus.never_fits(demand.gpu)
-        return None
+        return self._gpu_reason(demand, now=False)
 
     def refusal(self, demand: Demand) -> str | None:
         """Why ``demand`` does not fit now, or None when it does."""
@@ -238,21 +226,27 @@ class Ledger:
             return (f"asks for {format_size(demand.disk)} of disk; {format_size(max(0, disk_free))} free in "
                     f"{self.working_dir} after running experiments' reservations and the "
                     f"{format_size(self.capacity.disk_reserve)} reserve")
-        if demand.gpu is not None and demand.gpu.wanted:
-            if self.gpus is None:
-                return f"asks for {demand.gpu}; this runner uses no GPUs"
-            return self.gpus.refusal(demand.gpu)
-        return None
+        return self._gpu_reason(demand, now=True)
+
+    def _gpu_reason(self, demand: Demand, now: bool) -> str | None:
+        if demand.gpu is None:
+            return None
+        if self.gpus is None:
+            return f"asks for {demand.gpu}; this runner uses no GPUs"
+        return self.gpus.refusal(demand.gpu) if now else self.gpus.never_fits(demand.gpu)
 
     def reserve(self, owner: str, demand: Demand) -> Reservation:
-        """Hold ``demand`` for ``owner`` (an attempt id); raises DoesNotFit with the reason."""
+        """Hold ``demand`` for ``owner`` (an attempt id); raises NeverFits or DoesNotFit with the reason."""
         if owner in self.held:
             raise ValueError(f"{owner} already holds a reservation")
-        why = self.never_fits(demand) or self.refusal(demand)
+        never = self.never_fits(demand)
+        if never is not None:
+            raise NeverFits(never)
+        why = self.refusal(demand)
         if why is not None:
             raise DoesNotFit(why)
         reservation = Reservation(owner, demand)
-        if demand.gpu is not None and demand.gpu.wanted and self.gpus is not None:
+        if demand.gpu is not None and self.gpus is not None:
             allocation = self.gpus.allocate(owner, demand.gpu)
             if isinstance(allocation, Refusal):  # refusal() said it fits; only a race could get here
                 raise DoesNotFit(allocation.reason)
@@ -264,23 +258,9 @@ class Ledger:
         """Give back what ``owner`` held (idempotent). GPU cards return to the pool once none of ``pids``
         (the finished experiment's processes) holds memory on them."""
         reservation = self.held.pop(owner, None)
-        if reservation is not None and reservation.demand.wants_gpu and self.gpus is not None:
+        if reservation is not None and reservation.demand.gpu is not None and self.gpus is not None:
             self.gpus.release(owner, pids)
         return reservation
-
-    def snapshot(self) -> dict[str, object]:
-        """Totals and what is free, for logs, metrics and the status page."""
-        try:
-            disk_free: int | None = self.disk_free()
-        except OSError:
-            disk_free = None
-        return {
-            "cores": self.capacity.cores, "cores_free": self.cores_free,
-            "ram": self.capacity.ram, "ram_free": self.ram_free,
-            "disk_reserved": self.disk_reserved, "disk_free": disk_free,
-            "disk_cap": self.capacity.disk_cap, "disk_reserve": self.capacity.disk_reserve,
-            "running": len(self.held),
-        }
 
     def describe(self) -> str:
         """One line for the start-up banner."""

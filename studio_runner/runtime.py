@@ -184,4 +184,6 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
                 await backend.aclose()
             except Exception as exc:
                 log.warning("closing %s backend: %s", backend.kind, exc)
+        if ledger.gpus is not None:
+            ledger.gpus.close()  # NVML shut down
         release_root(root, keep=settings.debug)

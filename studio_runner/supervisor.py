@@ -36,7 +36,7 @@ from studio_runner.events import AttemptRecord, Registry
 from studio_runner.policies import Retries
 from studio_runner.queues.base import Delivery, QueueBackend
 from studio_runner.request import Request, parse_request
-from studio_runner.resources import Demand, DoesNotFit, Ledger, Reservation
+from studio_runner.resources import Demand, DoesNotFit, Ledger, NeverFits, Reservation
 from studio_runner.storage import StorageHealth
 
 log = logging.getLogger("studio_runner.supervisor")
@@ -155,8 +155,9 @@ class Supervisor:
                 nursery.start_soon(self._signals)
             await self._rescan()
             nursery.start_soon(self._rescan_loop)
-            if self.s.ledger is not None and self.s.ledger.gpus is not None:
-                nursery.start_soon(self._gpu_refresh_loop, self.s.ledger)
+            ledger = self.s.ledger
+            if ledger is not None and ledger.gpus is not None and ledger.gpus.backend.kind != "none":
+                nursery.start_soon(self._gpu_refresh_loop, ledger)  # a runner without GPUs never gains one
             async with trio.open_nursery() as work:
                 await self._intake(work, once)
                 if self._stopping.is_set() and self._held:
@@ -348,18 +349,17 @@ class Supervisor:
         if ledger is None:
             return None
         exp, queue, kind = request.experiment, held.delivery.queue, held.backend.kind
-        demand = ledger.demand_for(exp.resources)
+        demand = Demand.of(exp.resources)
         now = trio.current_time()
-        never = ledger.never_fits(demand)
-        if never is not None:
-            self._paused_until[(kind, queue)] = now + self.s.never_fit_pause
-            log.warning("experiment %s from %s can never run on this runner (%s): released; queue %s is "
-                        "skipped by this runner for %.0fs", exp.key, queue, never, queue,
-                        self.s.never_fit_pause)
-            return self._outcome_for(held, Status.DEFERRED, Action.RELEASE, f"can never fit: {never}",
-                                     key=exp.key)
         try:
             held.reservation = ledger.reserve(held.record.attempt_id, demand)
+        except NeverFits as exc:
+            self._paused_until[(kind, queue)] = now + self.s.never_fit_pause
+            log.warning("experiment %s from %s can never run on this runner (%s): released; queue %s is "
+                        "skipped by this runner for %.0fs", exp.key, queue, exc, queue,
+                        self.s.never_fit_pause)
+            return self._outcome_for(held, Status.DEFERRED, Action.RELEASE, f"can never fit: {exc}",
+                                     key=exp.key)
         except DoesNotFit as exc:
             self._last_demand[(kind, queue)] = (demand, now)
             log.info("experiment %s from %s does not fit now (%s): released; queue skipped until it would",

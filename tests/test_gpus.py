@@ -28,13 +28,13 @@ from studio_runner.gpus import (
     VisibleSet,
     hidden_environment,
     open_gpu_backend,
-    process_tree_pids,
     slot_rule,
     slots_for,
     unknown_card_slots,
     visible_from_environ,
 )
 from studio_runner.request import parse_request
+from studio_runner.usage import TreeSampler
 
 GiB = 1024**3
 REPO = Path(__file__).resolve().parent.parent
@@ -613,6 +613,13 @@ def test_refresh_in_a_worker_thread_while_the_trio_thread_allocates(tmp_path):
     pool.release(held.pop())
     pool.refresh()
     assert pool.snapshot().free_slots == 16
+
+
+def process_tree_pids(root: int) -> set[int]:
+    """``root`` and its descendants as the executor's sampler sees them (the pids GPU release gets)."""
+    sampler = TreeSampler(root, counts_root=True)
+    sampler.sample()
+    return sampler.pids
 
 
 def test_process_tree_pids():

@@ -15,7 +15,7 @@ How the supervisor uses it
     if not (verdict := pool.could_ever_fit(demand)): ...  # never on this runner: verdict.reason says why
     got = pool.allocate(attempt_id, demand)               # Allocation, or Refusal (does not fit *now*)
     env.update(got.environment())                         # always, also with no card: hides every GPU
-    ... run the experiment, sampling process_tree_pids(reaper_or_main_pid) now and then ...
+    ... run the experiment; usage.TreeSampler collects the pids of its process tree ...
     pool.release(attempt_id, pids)                        # its cards drain (see below)
     result = await trio.to_thread.run_sync(pool.refresh)  # right after a release, and every few seconds
     if result.returned: wake the intake                   # cards are back in the pool
@@ -44,8 +44,7 @@ Where things are (one module per concern; everything public is re-exported here)
 * :mod:`~studio_runner.gpus.fake`: ``FakeBackend`` and the fake GPU file's format (``read_fake_gpus``).
 * :mod:`~studio_runner.gpus.backends`: ``NoGpuBackend`` and ``open_gpu_backend``.
 * :mod:`~studio_runner.gpus.allocation`: ``Allocation`` and the child's environment (``hidden_environment``).
-* :mod:`~studio_runner.gpus.pool`: ``GpuPool`` (allocation, release and draining, fencing), snapshots,
-  ``process_tree_pids``.
+* :mod:`~studio_runner.gpus.pool`: ``GpuPool`` (allocation, release and draining, fencing), snapshots.
 """
 
 from __future__ import annotations
@@ -62,7 +61,6 @@ from studio_runner.gpus.pool import (
     GpuPool,
     GpuSnapshot,
     RefreshResult,
-    process_tree_pids,
 )
 from studio_runner.gpus.slots import (
     SLOT_TABLE,
@@ -78,6 +76,6 @@ __all__ = [
     "DEFAULT_DRAIN_TIMEOUT", "SLOT_TABLE", "UNKNOWN_SLOT_BYTES", "UNKNOWN_SLOT_CAP",
     "AllocatedCard", "Allocation", "CardState", "FakeBackend", "GpuBackend", "GpuDemand", "GpuDevice",
     "GpuPool", "GpuSnapshot", "NoGpuBackend", "NvmlBackend", "RefreshResult", "Refusal", "Verdict",
-    "VisibleSet", "hidden_environment", "open_gpu_backend", "parse_visible", "process_tree_pids",
-    "read_fake_gpus", "slot_rule", "slots_for", "unknown_card_slots", "visible_from_environ",
+    "VisibleSet", "hidden_environment", "open_gpu_backend", "parse_visible", "read_fake_gpus",
+    "slot_rule", "slots_for", "unknown_card_slots", "visible_from_environ",
 ]

@@ -48,7 +48,7 @@ class Allocation:
 
     @property
     def visible_devices(self) -> str:
-        """The value for ``CUDA_VISIBLE_DEVICES`` (launch.py's ``gpus`` argument): UUIDs, or ``""``."""
+        """The value for ``CUDA_VISIBLE_DEVICES``: UUIDs, or ``""``."""
         return ",".join(self.uuids)
 
     def environment(self) -> dict[str, str]:

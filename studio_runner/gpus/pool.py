@@ -29,8 +29,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import psutil
-
 from studio_runner.gpus.allocation import AllocatedCard, Allocation
 from studio_runner.gpus.demand import GpuDemand, Refusal, Verdict
 from studio_runner.gpus.devices import GpuBackend, GpuDevice
@@ -338,14 +336,3 @@ class GpuPool:
         draining = sum(c.draining_since is not None for c in suitable)
         return Verdict(False, f"needs {demand.describe()}; {len(free)} of the {len(suitable)} suitable "
                               f"cards are free now ({draining} draining)"), []
-
-
-def process_tree_pids(root: int) -> set[int]:
-    """``root`` and its live descendants (psutil), or an empty set when ``root`` is gone. Sample it while
-    the experiment runs (from the reaper's PID it also finds re-parented orphans) and pass the union of
-    every sample to :meth:`GpuPool.release`."""
-    try:
-        process = psutil.Process(root)
-        return {root, *(child.pid for child in process.children(recursive=True))}
-    except psutil.Error:
-        return set()
