@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Protocol
@@ -331,3 +332,48 @@ async def upload_artifact(
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_tidy, packed.parent)
     return fingerprint
+
+
+async def transfer_each(
+    jobs: Mapping[str, Callable[[], Awaitable[None]]],
+    limit: int,
+    *,
+    cancel_on_failure: bool,
+    on_failure: Callable[[str, Exception], None] | None = None,
+) -> None:
+    """Run the transfers ``jobs`` (by artifact label), ``limit`` at once, and raise the failure of the first
+    label in order, as itself (no exception group), once all have ended.
+
+    With ``cancel_on_failure`` a failure cancels the others (a failed download means nothing runs); without
+    it they finish and what they moved counts (uploads). ``on_failure(label, error)`` is told about the
+    failure that is raised; the others are only logged. No reference cycle outlives the call: the failures'
+    tracebacks hold the frames that held them, so those references are dropped before raising (an attempt's
+    state would otherwise wait for a full garbage collection)."""
+    limiter = trio.CapacityLimiter(limit)
+    failures: dict[str, Exception] = {}
+
+    async def run(label: str, job: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+        async with limiter:
+            try:
+                await job()
+            except Exception as exc:  # raised below, outside the nursery
+                failures[label] = exc
+                if cancel_on_failure:
+                    scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for label, job in jobs.items():
+            nursery.start_soon(run, label, job, nursery.cancel_scope)
+    if not failures:
+        return
+    label = min(failures)
+    error = failures.pop(label)
+    for other, exc in failures.items():
+        log.debug("%s failed too: %s", other, exc)
+    failures.clear()
+    if on_failure is not None:
+        on_failure(label, error)
+    try:
+        raise error
+    finally:
+        del error

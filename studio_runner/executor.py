@@ -24,7 +24,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,35 +264,25 @@ class _Attempt:
         after a failed download) and is reported and raised as itself (the first in label order)."""
         exp = self.request.experiment
         budget = artifacts.DiskBudget.for_request(exp.resources.hdd, self.expdir)
-        limiter = trio.CapacityLimiter(DOWNLOAD_CONCURRENCY)
-        failures: dict[str, RunnerError] = {}
+        output, sync, stores, cache = self.output, self.sync, self.s.stores, self.s.artifact_cache
+        expdir = self.expdir
 
-        async def fetch(label: str, artifact: Artifact, cancel_scope: trio.CancelScope) -> None:
-            async with limiter:
-                try:
-                    await artifacts.fetch_artifact(artifact, self.expdir, self.s.stores, budget,
-                                                   cache=None if artifact.mutable else self.s.artifact_cache)
-                except RunnerError as exc:
-                    failures[label] = exc
-                    cancel_scope.cancel()
-                    return
-            if artifact.mutable:
-                self.sync.mark_restored(label)
+        def fetch(artifact: Artifact) -> Callable[[], Awaitable[None]]:
+            async def job() -> None:
+                await artifacts.fetch_artifact(artifact, expdir, stores, budget,
+                                               cache=None if artifact.mutable else cache)
+                if artifact.mutable:
+                    sync.mark_restored(artifact.label)
+            return job
 
-        async with trio.open_nursery() as nursery:
-            for label, artifact in sorted(exp.artifacts.items()):
-                if label != "output":  # output/output is this attempt's own log, already open (Go truncates)
-                    nursery.start_soon(fetch, label, artifact, nursery.cancel_scope)
-        if failures:
-            label = min(failures)
-            error = failures[label]
-            failures.clear()  # each error's traceback holds a fetch frame, whose closure holds this dict
-            self.output.write("failed when downloading user data")
-            self.output.note(f"artifact {label!r}: {error}")
-            try:
-                raise error
-            finally:
-                del error  # this frame is in its traceback: no exception -> frame -> exception cycle
+        def report(label: str, error: Exception) -> None:
+            output.write("failed when downloading user data")
+            output.note(f"artifact {label!r}: {error}")
+
+        # output/output is this attempt's own log, already open (Go truncates it)
+        jobs = {label: fetch(artifact) for label, artifact in sorted(exp.artifacts.items())
+                if label != "output"}
+        await artifacts.transfer_each(jobs, DOWNLOAD_CONCURRENCY, cancel_on_failure=True, on_failure=report)
 
     async def _run_process(self, venv: Path, python: Path) -> None:
         request, output = self.request, self.output

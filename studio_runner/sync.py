@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -123,28 +123,16 @@ class ArtifactSync:
     async def _upload_together(self, chosen: list[Artifact]) -> None:
         """Upload ``chosen``, ``upload_concurrency`` at once; a failure does not cancel the others (what they
         upload is saved), and the first one in label order is raised as itself once all have ended."""
-        if not chosen:
-            return
-        limiter = trio.CapacityLimiter(self.upload_concurrency)
-        failures: dict[str, Exception] = {}
+        fingerprints, expdir, stores = self.fingerprints, self.expdir, self.stores
 
-        async def upload(artifact: Artifact) -> None:
-            async with limiter:
-                try:
-                    self.fingerprints[artifact.label] = await artifacts.upload_artifact(
-                        artifact, self.expdir, self.stores, self.fingerprints.get(artifact.label))
-                except Exception as exc:  # raised below, outside the nursery: no exception group
-                    failures[artifact.label] = exc
+        def upload(artifact: Artifact) -> Callable[[], Awaitable[None]]:
+            async def job() -> None:
+                fingerprints[artifact.label] = await artifacts.upload_artifact(
+                    artifact, expdir, stores, fingerprints.get(artifact.label))
+            return job
 
-        async with trio.open_nursery() as nursery:
-            for artifact in chosen:
-                nursery.start_soon(upload, artifact)
-        if failures:
-            first, *others = sorted(failures)
-            for label in others:
-                log.debug("upload of %s's %s failed too: %s", self.request.experiment.key, label,
-                          failures[label])
-            raise failures[first]
+        await artifacts.transfer_each({a.label: upload(a) for a in chosen}, self.upload_concurrency,
+                                      cancel_on_failure=False)
 
     # -- the final upload ----------------------------------------------------------------------------------
     async def save_results(self, *, include_output: bool, window: float, backoff: Backoff,
