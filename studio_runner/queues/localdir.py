@@ -93,6 +93,21 @@ Identity = tuple[int, int, int, int]
 """(inode, size, mtime_ns, ctime_ns): any write, truncation, utime or replacement changes it."""
 
 
+def _message_files(qdir: Path) -> list[tuple[str, os.stat_result]]:
+    """The message files of a queue directory with their stat; files gone meanwhile are skipped (anything
+    else shows when one is claimed). Raises OSError when the directory cannot be listed."""
+    files = []
+    for entry in list(os.scandir(qdir)):
+        if not _is_message_name(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False):
+                files.append((entry.name, entry.stat(follow_symlinks=False)))
+        except OSError:
+            continue
+    return files
+
+
 def _identity(st: os.stat_result) -> Identity:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -422,19 +437,10 @@ class LocalDirQueue:
         if self._lock_is_fresh(qdir / LOCK_NAME):
             return None, False
         try:
-            entries = list(os.scandir(qdir))
+            files = _message_files(qdir)
         except (FileNotFoundError, NotADirectoryError):
             return None, not others_in_flight
-        candidates: list[tuple[int, str, Identity]] = []
-        for e in entries:
-            if not _is_message_name(e.name):
-                continue
-            try:
-                if e.is_file(follow_symlinks=False):
-                    st = e.stat(follow_symlinks=False)
-                    candidates.append((st.st_mtime_ns, e.name, _identity(st)))
-            except OSError:  # gone meanwhile; anything else shows when we try to claim it
-                continue
+        candidates = [(st.st_mtime_ns, name, _identity(st)) for name, st in files]
         self._forget_others(queue, [name for _, name, _ in candidates])
         if not candidates:
             return None, not others_in_flight
@@ -460,19 +466,11 @@ class LocalDirQueue:
         found: dict[str, float] = {}
         for queue in queues:
             try:
-                entries = list(os.scandir(self.root / queue))
+                files = _message_files(self.root / queue)
             except OSError:
                 continue
-            for e in entries:
-                if not _is_message_name(e.name):
-                    continue
-                try:
-                    if e.is_file(follow_symlinks=False):
-                        st = e.stat(follow_symlinks=False)
-                        age = now - max(st.st_ctime, st.st_mtime)
-                        found[queue] = min(found.get(queue, age), age)
-                except OSError:
-                    continue
+            if files:
+                found[queue] = min(now - max(st.st_ctime, st.st_mtime) for _, st in files)
         return found
 
     def _try_claim(self, queue: str, name: str) -> LocalDelivery | None:
