@@ -18,37 +18,50 @@ from studio_runner.attempt import Action, Phase, Status
 from studio_runner.envs import EnvCache
 from studio_runner.events import Registry, Transferred, current_attempt
 from studio_runner.executor import Executor, ExecutorSettings
-from studio_runner.request import parse_request
+from studio_runner.request import Request, parse_request
 from studio_runner.resources import Demand, Reservation
 from studio_runner.storage import Stores
 from studio_runner.submit import Submission, build_request, pack_workspace
 
 
-def test_one_attempt_reports_its_phases_and_bytes(tmp_path: Path) -> None:
+def submitted(tmp_path: Path, key: str, code: str) -> tuple[Request, Path, str]:
+    """The request ``submit`` makes for a script of ``code`` (local store under ``tmp_path``): the request,
+    the store, and the workspace's key in it."""
     script = tmp_path / "ws" / "train.py"
     script.parent.mkdir()
-    script.write_text("import os\nos.makedirs('../modeldir', exist_ok=True)\n"
-                      "open('../modeldir/w.txt', 'w').write('weights')\nprint('trained')\n")
+    script.write_text(code)
     store = tmp_path / "store"
+    workspace = pack_workspace(script.parent, store)
     request = parse_request(json.dumps(build_request(
-        Submission(script=script, queue="local_x", experiment="exp_direct"), store,
-        pack_workspace(script.parent, store))))
+        Submission(script=script, queue="local_x", experiment=key), store, workspace)))
+    return request, store, workspace
+
+
+async def executor_on(tmp_path: Path, registry: Registry | None = None, stores: Stores | None = None
+                      ) -> Executor:
+    """An executor with its root under ``tmp_path`` and the suite's shared environment cache."""
+    env_cache = EnvCache(cache_root() / "envs", 20 << 30)
+    await env_cache.start()
+    return Executor(ExecutorSettings(root=tmp_path / "root", hostname="test-host",
+                                     stores=stores if stores is not None else Stores(), env_cache=env_cache),
+                    registry)
+
+
+def test_one_attempt_reports_its_phases_and_bytes(tmp_path: Path) -> None:
+    request, store, _ = submitted(tmp_path, "exp_direct",
+                                  "import os\nos.makedirs('../modeldir', exist_ok=True)\n"
+                                  "open('../modeldir/w.txt', 'w').write('weights')\nprint('trained')\n")
     registry = Registry("test-host")
     events: list[object] = []
     registry.bus.subscribe(events.append)
 
     async def main() -> object:
-        env_cache = EnvCache(cache_root() / "envs", 20 << 30)
-        await env_cache.start()
-
         def count(direction: str, nbytes: int, url: str) -> None:
             record = current_attempt()
             if record is not None:
                 registry.transferred(record, direction, nbytes, url)
 
-        executor = Executor(ExecutorSettings(root=tmp_path / "root", hostname="test-host",
-                                             stores=Stores(on_transfer=count), env_cache=env_cache),
-                            registry)
+        executor = await executor_on(tmp_path, registry, Stores(on_transfer=count))
         return await executor.run(request, queue="local_x")
 
     outcome = trio.run(main)
@@ -88,9 +101,8 @@ def test_live_figures_of_the_process_tree(tmp_path: Path) -> None:
     """While it runs, the record shows the tree's CPU and RSS (a child burning a core, its parent holding
     ~60 MB) and collects every pid it ran, which GPU release needs; the reservation's cores and cards
     reach the experiment's environment."""
-    script = tmp_path / "ws" / "busy.py"
-    script.parent.mkdir()
-    script.write_text(
+    request, store, _ = submitted(
+        tmp_path, "exp_busy",
         "import os, subprocess, sys, time\n"
         "ballast = bytearray(60 << 20)\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time\\nend = time.time() + 5\\n"
@@ -98,18 +110,11 @@ def test_live_figures_of_the_process_tree(tmp_path: Path) -> None:
         "print('child', child.pid, 'threads', os.environ['OMP_NUM_THREADS'], "
         "'cards', os.environ['CUDA_VISIBLE_DEVICES'], flush=True)\n"
         "child.wait()\n")
-    store = tmp_path / "store"
-    request = parse_request(json.dumps(build_request(
-        Submission(script=script, queue="local_x", experiment="exp_busy"), store,
-        pack_workspace(script.parent, store))))
     registry = Registry("test-host")
     samples: list[tuple[float, int]] = []
 
     async def main() -> object:
-        env_cache = EnvCache(cache_root() / "envs", 20 << 30)
-        await env_cache.start()
-        executor = Executor(ExecutorSettings(root=tmp_path / "root", hostname="test-host", stores=Stores(),
-                                             env_cache=env_cache), registry)
+        executor = await executor_on(tmp_path, registry)
         record = registry.claim("local_x", "local", "m1", 1)
         cards = {"CUDA_VISIBLE_DEVICES": "GPU-x", "NVIDIA_VISIBLE_DEVICES": "GPU-x"}
         reservation = Reservation("owner", Demand(3, 0, 0), gpu_env=cards)
@@ -145,13 +150,7 @@ SCRIPTS = {
 @pytest.mark.parametrize("kind", [*SCRIPTS, "fault"])
 def test_an_attempt_is_freed_without_the_cycle_collector(tmp_path: Path, kind: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    script = tmp_path / "ws" / "train.py"
-    script.parent.mkdir()
-    script.write_text(SCRIPTS.get(kind, "print('never runs')\n"))
-    store = tmp_path / "store"
-    workspace = pack_workspace(script.parent, store)
-    request = parse_request(json.dumps(build_request(
-        Submission(script=script, queue="local_x", experiment=f"exp_{kind}"), store, workspace)))
+    request, store, workspace = submitted(tmp_path, f"exp_{kind}", SCRIPTS.get(kind, "print('never runs')\n"))
     if kind == "fault":  # the workspace is gone: a runner-side fault before the process starts
         (store / workspace).unlink()
     scrapers: list[weakref.ref[metadata.MetadataScraper]] = []
@@ -164,10 +163,7 @@ def test_an_attempt_is_freed_without_the_cycle_collector(tmp_path: Path, kind: s
     monkeypatch.setattr(metadata, "MetadataScraper", Tracked)
 
     async def main() -> Status:
-        env_cache = EnvCache(cache_root() / "envs", 20 << 30)
-        await env_cache.start()
-        executor = Executor(ExecutorSettings(root=tmp_path / "root", hostname="test-host", stores=Stores(),
-                                             env_cache=env_cache))
+        executor = await executor_on(tmp_path)
         gc.collect()
         gc.disable()
         try:
