@@ -682,17 +682,22 @@ def test_a_queue_with_another_runners_claim_is_scanned_every_round(tmp_path: Pat
     trio.run(main)
 
 
+async def polls_three_times(q: LocalDirQueue) -> None:
+    """Three rounds of receive (nothing) and a wait that returns after poll_interval, not the timeout."""
+    for _ in range(3):
+        assert await q.receive("local_t") is None
+        started = time.monotonic()
+        await q.wait_for_work(["local_t"], 10)
+        assert time.monotonic() - started < 0.3
+
+
 def test_watch_false_polls_every_poll_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "local_t").mkdir()
     scans = ScanCounter(monkeypatch)
     q = LocalDirQueue(tmp_path, "runner-a", watch=False, poll_interval=0.1)
 
     async def main() -> None:
-        for _ in range(3):
-            assert await q.receive("local_t") is None
-            started = time.monotonic()
-            await q.wait_for_work(["local_t"], 10)
-            assert time.monotonic() - started < 0.3
+        await polls_three_times(q)
         assert scans.count == 3  # every round lists the directory
 
     trio.run(main)
@@ -710,11 +715,7 @@ def test_a_watcher_that_cannot_start_falls_back_to_polling(tmp_path: Path, monke
     q = LocalDirQueue(tmp_path, "runner-a", poll_interval=0.1)
 
     async def main() -> None:
-        for _ in range(3):
-            assert await q.receive("local_t") is None
-            started = time.monotonic()
-            await q.wait_for_work(["local_t"], 10)
-            assert time.monotonic() - started < 0.3
+        await polls_three_times(q)
         put(tmp_path, "m", json.dumps(MESSAGE), age=1)
         d = await q.receive("local_t")
         assert d is not None and d.message_id == "m"
