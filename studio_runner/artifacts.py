@@ -8,6 +8,10 @@ up and overwrite the stored work with less (spec README, "Stored work is never r
 caller uploads a mutable artifact only after ``PLACED`` or ``ABSENT``. Outputs are packed to a scratch file
 and put to their locator only when they changed since the last download or upload.
 
+What moved is counted in the :class:`TransferStats` bound to the attempt (:func:`bind_transfer_stats`): bytes
+per label downloaded, served by the cache, uploaded, and the downloads in flight (where their bytes land and
+how big they are), so the runner's log can say what a slow download is doing without any store knowing.
+
 Faults say whether another attempt can help: content that can never be used (corrupt, not an archive,
 unsafe, over the request's ``hdd``) is ``ArtifactRejected``/``ArchiveUnsafe`` (FAIL); storage trouble, a full
 disk (``DiskFull``) and other I/O errors are retried.
@@ -16,6 +20,7 @@ disk (``DiskFull``) and other I/O errors are retried.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
 import errno
 import logging
@@ -24,6 +29,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Protocol
@@ -126,6 +132,89 @@ class DiskBudget:
         return ArtifactTooLarge(
             f"{message}: raise the request's hdd (resources_needed) or make the artifact smaller"
         )
+
+
+# --------------------------------------------------------------------------- what moved
+
+
+@dataclass
+class InFlight:
+    """One download under way: the store writes its bytes in ``directory`` (a temporary name, then the
+    final one), so their sum there is how far it got. ``total`` is the object's size once known."""
+
+    label: str
+    store: ObjectStore
+    url: str
+    credentials: Credentials | None
+    directory: Path | None = None
+    total: int | None = None
+
+
+@dataclass
+class TransferStats:
+    """Bytes one attempt moved, per artifact label (for its log lines), and its downloads under way."""
+
+    downloaded: dict[str, int] = field(default_factory=dict)
+    """Fetched from storage."""
+    cached: dict[str, int] = field(default_factory=dict)
+    """Served by the download cache (nothing fetched)."""
+    uploaded: dict[str, int] = field(default_factory=dict)
+    """Packed and put (unchanged directories are not uploaded and not counted)."""
+    in_flight: dict[str, InFlight] = field(default_factory=dict)
+
+
+_stats: contextvars.ContextVar[TransferStats | None] = contextvars.ContextVar("transfer_stats", default=None)
+
+
+def bind_transfer_stats(stats: TransferStats | None) -> None:
+    """Count this task's transfers (and those of the tasks it starts from now on) in ``stats``."""
+    _stats.set(stats)
+
+
+def current_transfer_stats() -> TransferStats | None:
+    return _stats.get()
+
+
+class _Watched:
+    """``store`` as :func:`fetch_artifact` hands it on: records where a download lands and how big it is in
+    ``flight``, and whether the store was asked at all (a cache hit never gets)."""
+
+    def __init__(self, store: ObjectStore, flight: InFlight) -> None:
+        self.store, self.flight, self.fetched = store, flight, False
+
+    def handles(self, url: str) -> bool:
+        return self.store.handles(url)
+
+    async def get(self, url: str, dest: Path, credentials: Credentials | None = None) -> ObjectInfo:
+        self.fetched = True
+        self.flight.directory = Path(dest).parent
+        return await self.store.get(url, dest, credentials)
+
+    async def put(self, src: Path, url: str, credentials: Credentials | None = None) -> ObjectInfo:
+        return await self.store.put(src, url, credentials)
+
+    async def stat(self, url: str, credentials: Credentials | None = None) -> ObjectInfo | None:
+        info = await self.store.stat(url, credentials)
+        if info is not None and info.size >= 0 and url == self.flight.url:
+            self.flight.total = info.size
+        return info
+
+    async def list(self, prefix_url: str, credentials: Credentials | None = None) -> list[ObjectInfo]:
+        return await self.store.list(prefix_url, credentials)
+
+
+def bytes_in(directory: Path) -> int:
+    """Sum of the sizes of the files directly in ``directory`` (a download's partial and final file)."""
+    total = 0
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        pass
+    return total
 
 
 # --------------------------------------------------------------------------- transfers
@@ -243,7 +332,13 @@ async def fetch_artifact(
         await trio.to_thread.run_sync(_make_label_dir, label_dir)
         if artifact.label == METADATA_LABEL or not url:
             return Restored.SKIPPED
-        store = stores.for_url(url)
+        stats = _stats.get()
+        store: ObjectStore = stores.for_url(url)
+        watched = None
+        if stats is not None:
+            flight = InFlight(artifact.label, store, url, artifact.access_credentials)
+            store = watched = _Watched(store, flight)
+            stats.in_flight[artifact.label] = flight
         scratch = await trio.to_thread.run_sync(_scratch_dir, expdir / ".downloads")
         blob = scratch / "object"
         try:
@@ -256,7 +351,12 @@ async def fetch_artifact(
                 return Restored.ABSENT
             shown = redact_url(url)
             raise ArtifactError(f"immutable artifact {artifact.label} not found at {shown}") from None
+        finally:
+            if stats is not None:
+                stats.in_flight.pop(artifact.label, None)
         size = (await trio.to_thread.run_sync(os.stat, blob)).st_size
+        if stats is not None and watched is not None:
+            (stats.downloaded if watched.fetched else stats.cached)[artifact.label] = size
         if not artifact.unpack:
             budget.take(size, what)
             target = label_dir / _object_name(artifact, url)
@@ -328,6 +428,9 @@ async def upload_artifact(
         return fingerprint
     try:
         await store.put(packed, url, artifact.access_credentials)
+        stats = _stats.get()
+        if stats is not None:
+            stats.uploaded[artifact.label] = (await trio.to_thread.run_sync(os.stat, packed)).st_size
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_tidy, packed.parent)

@@ -28,7 +28,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -37,6 +37,7 @@ import trio
 
 from studio_runner.errors import DiskFull, ObjectNotFound, StorageError, is_disk_full
 from studio_runner.storage.base import Credentials, ObjectInfo, ObjectStore
+from studio_runner.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,12 @@ class ArtifactCache:
         self.bytes_served = 0
         """Bytes handed out from existing entries (hits)."""
         self.evictions = 0
+        self.bytes_used = 0
+        """Bytes in complete entries at the last scan (start-up, and after each download's eviction pass):
+        status pages read it instead of scanning the directory on every poll."""
+        self.observer: Callable[[str, bool], None] | None = None
+        """Called with (ETag, or the entry key when the store has none; hit?) on every lookup: metrics
+        count hits and misses by hash. Must be quick and must not raise."""
         self._partial = self.root / ".partial"
         self._locks_dir = self.root / ".locks"
         self._task_locks: dict[str, tuple[trio.Lock, int]] = {}
@@ -99,7 +106,8 @@ class ArtifactCache:
         self._locks_dir.mkdir(exist_ok=True)
         self._sweep()
         self._evict(keep=None)  # adopt what a previous run left, within today's bound
-        log.info("artifact cache %s: %d entries, %d bytes", self.root, *self._usage())
+        entries, used = self._usage()
+        log.info("artifact cache %s: %d entries, %s", self.root, entries, format_size(used))
 
     # -- public --------------------------------------------------------------------------------------------
 
@@ -124,10 +132,11 @@ class ArtifactCache:
         info = await store.stat(url, credentials)
         if info is None:
             raise ObjectNotFound(f"object not found: {public_url(url)}")
+        key = cache_key(url, info)
         if info.size > self.max_bytes:  # would flush the whole cache and still not fit: bypass it
             self.misses += 1
+            self._observe(info.etag or key, False)
             return await store.get(url, dest, credentials)
-        key = cache_key(url, info)
         if await self._serve(key, info, dest):
             return info
         async with self._task_lock(key):
@@ -172,6 +181,7 @@ class ArtifactCache:
         served = await trio.to_thread.run_sync(serve)
         if served:
             self.hits += 1
+            self._observe(info.etag or key, True)
             self.bytes_served += info.size
             log.debug("artifact cache hit: %s (%d bytes)", key, info.size)
         return served
@@ -200,8 +210,16 @@ class ArtifactCache:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         self.misses += 1
+        self._observe(got.etag or final_key, False)
         await trio.to_thread.run_sync(self._evict, final_key)
         return got
+
+    def _observe(self, name: str, hit: bool) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(name, hit)
+            except Exception:  # metrics must never fail a download
+                log.exception("artifact cache observer failed")
 
     @asynccontextmanager
     async def _task_lock(self, key: str) -> AsyncIterator[None]:
@@ -313,3 +331,4 @@ class ArtifactCache:
             total -= size
             self.evictions += 1
             log.debug("artifact cache: evicted %s (%d bytes)", name, size)
+        self.bytes_used = total

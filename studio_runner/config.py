@@ -29,7 +29,7 @@ import socket
 import sys
 import textwrap
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +62,17 @@ def _bool(text: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"expected true or false, got {text!r}")
+    raise ValueError("expected true or false (also: yes/no, on/off, 1/0)")
 
 
 def _int(text: str) -> int:
-    value = int(text.strip())
+    """A whole number, 0 or more; the message says so in words (``int()``'s names a base and a literal)."""
+    stripped = text.strip()
+    if not re.fullmatch(r"[+-]?[0-9]+", stripped):
+        raise ValueError("expected a whole number such as 0, 1 or 8")
+    value = int(stripped)
     if value < 0:
-        raise ValueError(f"expected a non-negative integer, got {text!r}")
+        raise ValueError("expected a whole number, 0 or more")
     return value
 
 
@@ -76,7 +80,7 @@ def _regex(text: str) -> str:
     try:
         re.compile(text)
     except re.error as exc:
-        raise ValueError(f"invalid regular expression {text!r}: {exc}") from None
+        raise ValueError(f"not a valid regular expression ({exc})") from None
     return text
 
 
@@ -85,8 +89,26 @@ def _level(text: str) -> str:
     aliases = {"WARN": "WARNING", "DBG": "DEBUG", "CRIT": "CRITICAL"}
     level = aliases.get(level, level)
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ValueError(f"expected debug, info, warning or error, got {text!r}")
+        raise ValueError("expected debug, info, warning or error")
     return level
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return value
+
+
+def _address(text: str) -> str:
+    """``HOST:PORT`` (``:PORT`` = loopback) or empty; the port must be a number from 0 to 65535."""
+    value = text.strip()
+    if not value:
+        return ""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected HOST:PORT with a port from 0 to 65535 (e.g. 127.0.0.1:9090 or :9090)")
+    return f"{host.strip('[]') or '127.0.0.1'}:{int(port)}"
 
 
 def _path(text: str) -> Path:
@@ -118,7 +140,7 @@ def _names(text: str) -> list[str]:
 def _positive_int(text: str) -> int:
     value = _int(text)
     if value < 1:
-        raise ValueError(f"expected at least 1, got {text!r}")
+        raise ValueError("expected a whole number, 1 or more")
     return value
 
 
@@ -158,6 +180,8 @@ class Option:
     """What a non-default value of a generic ``go_env`` does, for the start-up warning."""
     minimum: float | None = None
     """Smallest value accepted (durations where 0 would make a loop spin)."""
+    section: str = ""
+    """Heading it is listed under in --help and config.example.toml (set by ``_sectioned``)."""
 
     @property
     def env(self) -> str:
@@ -184,8 +208,34 @@ class Option:
         return value
 
 
-OPTIONS: tuple[Option, ...] = (
-    # -- where work comes from
+@dataclass(frozen=True)
+class Section:
+    """A heading of the option table: 31+ flags in one list are unreadable."""
+
+    title: str
+    blurb: str
+
+
+SECTIONS: dict[str, str] = {}
+"""Section title -> blurb, in table order (filled by ``_sectioned``)."""
+
+
+def _sectioned(*items: Section | Option) -> tuple[Option, ...]:
+    """The options, each with the title of the Section above it."""
+    options: list[Option] = []
+    title = ""
+    for item in items:
+        if isinstance(item, Section):
+            title = item.title
+            SECTIONS[title] = item.blurb
+        else:
+            options.append(replace(item, section=title))
+    return tuple(options)
+
+
+OPTIONS: tuple[Option, ...] = _sectioned(
+    Section("Queues", "Where work comes from: local directory queues or RabbitMQ, and which of them are "
+            "served."),
     Option("queue-root", _path, lambda: str(_studioml_home() / "queue"),
            "Root of the local directory queues (StudioML local mode: $STUDIOML_HOME/queue). Used when no "
            "broker is configured, or always when set explicitly. Default: $STUDIOML_HOME/queue when "
@@ -215,7 +265,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("abort-check-interval", units.parse_duration, "10s",
            "How often the queue of a running experiment is checked; deleting the queue aborts it.",
            "duration", minimum=0.5),
-    # -- where work happens
+    Section("Working directory and host", "Where experiments run and what this runner is called."),
     Option("working-dir", _required_path, lambda: os.environ.get("TMPDIR") or "/tmp",
            "Directory for experiment directories; its filesystem is the disk pool. Default: $TMPDIR when "
            "set.", "path", doc_default="/tmp", go_env="WORKING_DIR", generic=True,
@@ -226,8 +276,28 @@ OPTIONS: tuple[Option, ...] = (
            "read).", doc_default="gpu-box-1"),
     Option("debug", _bool, "false", "Keep experiment directories after each attempt.", "bool",
            go_env="DEBUG", generic=True, effect="keeps experiment directories"),
-    Option("log-level", _level, "info", "Runner log level: debug, info, warning, error."),
-    # -- python environments
+    Section("Logging and status", "What the runner says, and how it is watched and steered while it runs."),
+    Option("log-level", _level, "info",
+           "Runner log level: debug, info, warning, error. Libraries (pika, botocore, urllib3) stay at "
+           "warning unless --log-libraries is set."),
+    Option("log-format", _log_format, "text",
+           "Log line format on stderr: text (for people) or json (one object per line, for log shippers)."),
+    Option("log-libraries", _bool, "false",
+           "Let the libraries' own debug logging (pika, botocore, urllib3, httpx) through at --log-level.",
+           "bool"),
+    Option("prom-address", _address, "127.0.0.1:9090",
+           "Serve GET /metrics (Prometheus), /status (JSON) and /healthz on HOST:PORT. A bare :PORT binds "
+           "to loopback; use 0.0.0.0:PORT to be reached from elsewhere (Kubernetes probes). Port 0 picks a "
+           "free port; empty disables. If the default port is taken the runner starts without it.",
+           go_env="PROM_ADDRESS"),
+    Option("state-file", _optional_path, "",
+           "File holding the runner's intake state: Running, DrainAndSuspend (finish what runs, take "
+           "nothing new) or DrainAndTerminate (finish, then exit 0); a bare value or a STATE=value line. "
+           "Watched while the runner runs (mount the Kubernetes state ConfigMap's STATE key here).", "path"),
+    Option("schema-logs", _bool, "true",
+           "Record every non-JSON output line in the metadata's studioml.log.", "bool", go_env="SCHEMA_LOGS"),
+    Section("Python environments", "What experiments run in: interpreters, packages and environment "
+            "variables."),
     Option("env-cache-dir", _path, lambda: str(_default_cache_home() / "envs"),
            "Cache of built Python environments, keyed by interpreter and requirements.", "path",
            doc_default="~/.cache/studio-runner/envs"),
@@ -244,7 +314,12 @@ OPTIONS: tuple[Option, ...] = (
            "Fail an attempt whose pythonver matches no interpreter instead of using the default one.",
            "bool"),
     Option("index-url", str, "", "Package index for environment builds (default: uv's, i.e. PyPI)."),
-    # -- artifacts
+    Option("pass-env", _names, "",
+           "Names of the runner's environment variables that experiments also get, on top of the base set "
+           "(PATH, HOME, USER, LOGNAME, LANG, LANGUAGE, LC_ALL, LC_CTYPE, TZ, TERM, LD_LIBRARY_PATH and the "
+           "proxy variables); separated by commas. Nothing else of the runner's environment reaches them.",
+           doc_default=""),
+    Section("Artifacts and storage", "Downloads, uploads and the artifact cache."),
     Option("cache-dir", _optional_path, "",
            "Download cache for immutable artifacts; empty disables the cache.", "path",
            go_env="CACHE_DIR", generic=True, effect="turns the artifact download cache on there"),
@@ -259,16 +334,7 @@ OPTIONS: tuple[Option, ...] = (
            go_env="S3_CERT"),
     Option("s3-key", _optional_path, "", "Client key for S3 endpoints (with --s3-cert).", "path",
            go_env="S3_KEY", generic=True, effect="is used as the client key for S3 endpoints"),
-    Option("pass-env", _names, "",
-           "Names of the runner's environment variables that experiments also get, on top of the base set "
-           "(PATH, HOME, USER, LOGNAME, LANG, LANGUAGE, LC_ALL, LC_CTYPE, TZ, TERM, LD_LIBRARY_PATH and the "
-           "proxy variables); separated by commas. Nothing else of the runner's environment reaches them.",
-           doc_default=""),
-    Option("disk-reserve", units.parse_size, "1GiB",
-           "Free space always kept on the working directory's filesystem: a request is taken only when its "
-           "hdd (plus what running experiments reserved) fits on top of this. (The Go runner's --max-disk "
-           "meant this; here --max-disk is a cap.)", "size"),
-    # -- resources
+    Section("Resources and GPUs", "What this runner hands out to experiments."),
     Option("max-cores", _int, "0",
            "Cores this runner hands out to experiments (0: every core it may use, after CPU affinity and a "
            "container's CPU quota). More than the machine has is a start-up error.", "int",
@@ -279,6 +345,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-disk", units.parse_size, "0",
            "Disk under --working-dir this runner hands out to experiments in total (0: as free space "
            "allows, minus --disk-reserve).", "size", go_env="MAX_DISK"),
+    Option("disk-reserve", units.parse_size, "1GiB",
+           "Free space always kept on the working directory's filesystem: a request is taken only when its "
+           "hdd (plus what running experiments reserved) fits on top of this. (The Go runner's --max-disk "
+           "meant this; here --max-disk is a cap.)", "size"),
     Option("cpu-only", _bool, "false",
            "Use no GPU: NVML is not even loaded, requests that ask for a GPU are left to other runners.",
            "bool", go_env="CPU_ONLY"),
@@ -287,7 +357,8 @@ OPTIONS: tuple[Option, ...] = (
            "packing and release without a GPU). See studio_runner/gpus/fake.py for the format.", "path"),
     Option("max-running", _int, "0",
            "Experiments at once at most; 0: as many as their cores, RAM, disk and GPUs allow.", "int"),
-    Option("max-attempts", _int, "3",
+    Section("Retries, deadlines and checkpoints", "Failures, time limits, checkpoints and shutdown."),
+    Option("max-attempts", _positive_int, "3",
            "Attempts per message for runner-side failures before it is set aside.", "int"),
     Option("retry-delay", units.parse_duration, "10s",
            "After a runner-side failure the message is held this long before it goes back to its queue; the "
@@ -310,8 +381,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("drain-timeout", units.parse_duration, "0s",
            "On SIGINT/SIGTERM, how long running experiments may finish before they are stopped and handed "
            "back. A second signal stops them at once.", "duration"),
-    Option("schema-logs", _bool, "true",
-           "Record every non-JSON output line in the metadata's studioml.log.", "bool", go_env="SCHEMA_LOGS"),
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -357,12 +426,16 @@ def _env_text(option: Option) -> str:
 
 
 def add_option_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per option; defaults stay None so we can tell 'not given' from 'given'."""
-    group = parser.add_argument_group(
-        f"runner options (also environment variables {ENV_PREFIX}<NAME>, plus the Go runner's bare name "
-        "where one exists, and TOML keys)")
-    group.add_argument("--config", metavar="FILE", help="TOML file with option values (keys as the flags).")
+    """Add one flag per option, grouped by section; defaults stay None so we can tell 'not given' from
+    'given'."""
+    first = parser.add_argument_group(
+        "configuration", f"Every option below is also an environment variable ({ENV_PREFIX}<NAME>, plus the "
+        "Go runner's bare name where one exists) and a key of the --config file. Precedence: flag > "
+        "environment > file > default.")
+    first.add_argument("--config", metavar="FILE", help="TOML file with option values (keys as the flags).")
+    groups = {title: parser.add_argument_group(title.lower(), blurb) for title, blurb in SECTIONS.items()}
     for option in OPTIONS:
+        group = groups[option.section]
         metavar = option.kind.upper()
         default = option.doc_default or option.default_text()
         if option.secret and default:
@@ -458,7 +531,7 @@ def resolve(flags: Mapping[str, Any] | argparse.Namespace | None = None,
                                     f"({exc}); set {option.env} to configure --{option.name}")
                     continue
                 shown = "****" if option.secret else repr(candidate.raw)
-                problems.append(f"{candidate.where}: bad value {shown}: {exc}")
+                problems.append(f"{candidate.where}: invalid value {shown}: {exc}")
                 break
             sources[option.name] = candidate.source
             origins[option.name] = (f"environment {candidate.where.rsplit(' ', 1)[-1]}"
@@ -497,8 +570,24 @@ def _drop_unpaired_generic_s3_key(values: dict[str, Any], sources: dict[str, str
 def _check_combinations(settings: Settings) -> None:
     if bool(settings.s3_cert) != bool(settings.s3_key):
         raise ConfigError("--s3-cert and --s3-key must be given together")
-    if settings.max_attempts < 1:
-        raise ConfigError("--max-attempts must be at least 1")
+
+
+def resolve_one(name: str, flag: str | None = None,
+                environ: Mapping[str, str] | None = None) -> tuple[Any, str]:
+    """One option's value from ``flag`` > environment > default, and where it came from.
+
+    For commands that need a single runner setting without resolving (and failing on) all of them:
+    ``submit`` checks its queue name against the runners' --queue-match, ``tui`` finds --prom-address."""
+    option = _BY_NAME[name]
+    environ = os.environ if environ is None else environ
+    flags = {option.attr: flag} if flag is not None else {}
+    for candidate in _candidates(option, flags, environ, {}, None):
+        try:
+            return option.parse_checked(candidate.raw), candidate.where
+        except (ValueError, TypeError) as exc:
+            if not candidate.lenient:
+                raise ConfigError(f"{candidate.where}: invalid value {candidate.raw!r}: {exc}") from None
+    raise AssertionError("unreachable: the default always parses")  # pragma: no cover
 
 
 def example_toml() -> str:
@@ -513,7 +602,13 @@ def example_toml() -> str:
         "# ki/mi/gi = 1024^n). Durations: 90s, 20m, 1h30m.",
         "",
     ]
+    section = ""
     for option in OPTIONS:
+        if option.section != section:
+            section = option.section
+            out.extend([f"# ==== {section} " + "=" * max(4, 100 - len(section)),
+                        *textwrap.wrap(SECTIONS[section], 108, initial_indent="# ", subsequent_indent="# "),
+                        ""])
         out.extend(textwrap.wrap(option.help, 108, initial_indent="# ", subsequent_indent="# "))
         env_line = f"# env: {option.env}"
         if option.go_env:

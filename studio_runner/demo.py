@@ -3,6 +3,9 @@
 Everything lives in one directory (a fresh temporary one unless ``--demo-dir`` is given): the local queue,
 the local object store and the runner's scratch space. The environment cache is the real one, so a second
 demo starts its experiments without installing anything.
+
+While they run, a bar under the log counts finished experiments on a terminal; elsewhere one plain line per
+finished experiment says the same.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from pathlib import Path
 import trio
 
 from studio_runner import config, runtime
-from studio_runner.attempt import Outcome
+from studio_runner.attempt import Action, Outcome
+from studio_runner.console import TerminalBar
+from studio_runner.events import Event, Settled
 from studio_runner.redact import runner_secrets
 from studio_runner.storage.local import url_to_path
 from studio_runner.submit import Submission, submit
@@ -52,7 +57,8 @@ def run_demo(flags: dict, demo_dir: Path | None = None) -> int:
     if flags.get("grace_period") is None:  # the timeout example need not wait the default 10 s
         flags["grace_period"] = "2s"
     settings = config.resolve(flags)
-    runtime.configure_logging(settings.log_level, runner_secrets(os.environ))
+    runtime.configure_logging(settings.log_level, runner_secrets(os.environ), log_format=settings.log_format,
+                              libraries=settings.log_libraries)
 
     print(f"demo directory: {base}")
     submitted: dict[str, Example] = {}
@@ -64,11 +70,32 @@ def run_demo(flags: dict, demo_dir: Path | None = None) -> int:
         submitted[request["experiment"]["key"]] = example
         print(f"submitted {request['experiment']['key']} to local_demo")
 
+    bar = TerminalBar("experiments", len(submitted))
+    done: set[str] = set()
+
+    def on_event(event: Event) -> None:
+        if not isinstance(event, Settled) or event.action in (Action.HAND_BACK, Action.RELEASE):
+            return  # it runs again
+        key = event.record.key
+        if key not in submitted or key in done:
+            return
+        done.add(key)
+        status = event.record.status.value if event.record.status else "settled"
+        if bar.plain:
+            print(f"{len(done)}/{len(submitted)} experiments done: {key} {status}", flush=True)
+        else:
+            bar.update(len(done), f"{key} {status}", force=True)
+
     async def main() -> list[Outcome]:
         async with runtime.open_runner(settings) as supervisor:
+            supervisor.registry.bus.subscribe(on_event)
+            bar.update(0, force=True)
             return await supervisor.run(once=True, handle_signals=True)
 
-    outcomes = trio.run(main)
+    try:
+        outcomes = trio.run(main)
+    finally:
+        bar.close()
     return report(outcomes, submitted)
 
 

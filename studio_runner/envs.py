@@ -76,6 +76,7 @@ from studio_runner.pythons import (  # noqa: F401  (re-exported)
     uv_error_summary,
 )
 from studio_runner.redact import mask_patterns
+from studio_runner.units import format_elapsed, format_size
 
 logger = logging.getLogger(__name__)
 
@@ -429,7 +430,8 @@ class EnvCache:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(shutil.rmtree, build_dir, True)
         seconds = time.monotonic() - started
-        log(f"studio-runner: built python environment {key} in {seconds:.1f}s ({size} bytes)")
+        log(f"studio-runner: built python environment {key} in {format_elapsed(seconds)} "
+            f"({format_size(size)})")
         return seconds
 
     async def _build_uv(

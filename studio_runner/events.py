@@ -117,7 +117,41 @@ class Settled:
     at: float
 
 
-Event = AttemptStarted | PhaseChanged | OutputLine | Transferred | Checkpointed | Finished | Settled
+@dataclass(frozen=True)
+class QueuesListed:
+    """One backend's queues were listed (a rescan): ``ok`` False when listing failed (``reason`` says why)."""
+
+    backend: str
+    location: str
+    """Where the queues live: the queue root, the broker URL (masked)."""
+    ok: bool
+    queues: tuple[str, ...]
+    """The queues served from this backend after the runner's name filter (the previous list on failure)."""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class QueueChecked:
+    """Intake looked at a queue for work, or (``ignored``) skipped it on purpose: intake suspended, the
+    queue paused, its last request does not fit now."""
+
+    backend: str
+    location: str
+    queue: str
+    ignored: bool = False
+
+
+@dataclass(frozen=True)
+class IntakeChanged:
+    """The runner's intake state changed (Running, DrainAndSuspend, DrainAndTerminate, ShuttingDown)."""
+
+    state: str
+    reason: str
+    at: float
+
+
+Event = (AttemptStarted | PhaseChanged | OutputLine | Transferred | Checkpointed | Finished | Settled
+         | QueuesListed | QueueChecked | IntakeChanged)
 Subscriber = Callable[[Event], None]
 
 

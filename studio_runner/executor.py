@@ -8,7 +8,9 @@ The executor never touches the queue: it returns an :class:`~studio_runner.attem
 concerns around it live in their own modules: :mod:`studio_runner.launch` (command line and environment),
 :mod:`studio_runner.process` (the process tree under its reaper), :mod:`studio_runner.outputlog` (masked
 output), :mod:`studio_runner.sync` (checkpoints and final uploads), :mod:`studio_runner.policies`
-(lifetime, deadline, checkpoint interval, back-off), :mod:`studio_runner.events` (the attempt registry).
+(lifetime, deadline, checkpoint interval, back-off), :mod:`studio_runner.events` (the attempt registry),
+:mod:`studio_runner.console` (what the runner's log says about the attempt: a line per phase, progress,
+the output's tail on failure).
 
 Only the experiment decides its result: a non-zero exit or a signal the runner did not send (the OOM
 killer, its own) is ``failed``; a stop the runner caused (shutdown, full disk, a fault of ours) is never a
@@ -35,6 +37,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
 
 from studio_runner import artifacts, launch, metadata, process
 from studio_runner.attempt import Abort, Action, Outcome, Phase, Status, StopCause
+from studio_runner.console import AttemptConsole
 from studio_runner.envs import EnvCache
 from studio_runner.errors import Disposition, RequestExpired, RunnerError
 from studio_runner.events import AttemptRecord, Registry, bind_attempt
@@ -45,6 +48,7 @@ from studio_runner.request import Artifact, Request
 from studio_runner.resources import Reservation
 from studio_runner.storage import Stores
 from studio_runner.sync import ArtifactSync
+from studio_runner.units import format_elapsed
 from studio_runner.usage import TreeSampler
 
 log = logging.getLogger("studio_runner.executor")
@@ -177,9 +181,15 @@ class _Attempt:
         # are held by ``self``, and such a reference cycle keeps the whole attempt (its scraped metadata
         # document: megabytes for a chatty experiment) alive until the next full garbage collection.
         registry = self.registry
+        self.console = console = AttemptConsole(request.experiment.key)
+        self.ran_seconds: float | None = None
+
+        def on_line(text: str) -> None:
+            registry.output(record, text)
+            console.output_line(text)
+
         self.output = OutputLog(expdir / "output" / "output", self.redactor, self.scraper,
-                                request.experiment.key,
-                                on_line=lambda text: registry.output(record, text))
+                                request.experiment.key, on_line=on_line)
         scrape_name = metadata.scrape_file_name(self.s.hostname, outcome.started, request.experiment.key,
                                                 outcome.attempt_id)
         self.sync = ArtifactSync(self.s.stores, request, expdir, self.output, self.scraper, scrape_name,
@@ -199,9 +209,11 @@ class _Attempt:
             output.write(metadata.note_line("events", dict(events)))
 
         self.abort.attach(record_event)
+        artifacts.bind_transfer_stats(self.console.stats)  # this attempt's transfers, for its log lines
         try:
             fault: Exception | None = None
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.console.watch)
                 # Before the process starts an abort simply cancels downloads and the env build; once it
                 # runs, _run_process stops it gracefully instead. Errors are caught inside the nursery so
                 # they are not wrapped in an exception group.
@@ -242,12 +254,21 @@ class _Attempt:
         for warning in self.request.warnings:
             output.note(f"warning: {warning}")
 
+        console, redactor = self.console, self.redactor
         self.registry.phase(self.record, Phase.DOWNLOADING)
+        console.begin("downloading")
         await self._download()
+        console.inputs_ready()
+
+        def env_line(line: str) -> None:
+            output.write(line)
+            console.env_line(redactor.mask(line))
 
         self.registry.phase(self.record, Phase.BUILDING_ENV)
+        console.begin("building")
         async with self.s.env_cache.acquire(exp.pythonver, exp.pythonenv, self.request.config.pip,
-                                            output.write) as env:
+                                            env_line) as env:
+            console.env_ready(env.cache_hit)
             self.outcome.env_cache_hit = env.cache_hit
             if not env.interpreter.matched:
                 output.note(env.interpreter.note)
@@ -308,6 +329,9 @@ class _Attempt:
         self.record.pid = proc.pid
         self.outcome.ran = self.sync.ran = True
         self.registry.phase(self.record, Phase.RUNNING)
+        self.console.running(proc.pid, reservation.cores if reservation else max(1, exp.resources.cpus),
+                             reservation.demand.ram if reservation else exp.resources.ram,
+                             reservation.gpu_env.get("CUDA_VISIBLE_DEVICES", "") if reservation else "")
         cause: StopCause | None = None
         timed_out = ""
         try:
@@ -324,7 +348,8 @@ class _Attempt:
                         waiters.cancel_scope.cancel()
                 if proc.returncode is None:  # it did not end on its own: find out who stops it
                     if timer.cancelled_caught:
-                        timed_out = f"timeout: stopped after {time.time() - started:.1f}s by {limit_name}"
+                        timed_out = (f"timeout: stopped after {format_elapsed(time.time() - started)} by "
+                                     f"{limit_name}")
                     elif output.broken.is_set():
                         cause = StopCause.DISK_FULL
                     else:
@@ -353,6 +378,7 @@ class _Attempt:
                      started: float) -> None:
         code = proc.returncode
         self.outcome.exit_code = code
+        self.ran_seconds = time.time() - started
         if timed_out:
             self.decide(Status.TIMEOUT, Action.ACK, timed_out)
         elif cause is not None:
@@ -366,7 +392,8 @@ class _Attempt:
         elif code is not None and code < 0 and proc.stop_requested:
             # the runner signalled it for a reason not recorded above: a kill we caused is never a result
             self.decide(Status.INTERRUPTED, Action.HAND_BACK,
-                        f"stopped by the runner ({_signal_name(-code)}) after {time.time() - started:.1f}s")
+                        f"stopped by the runner ({_signal_name(-code)}) after "
+                        f"{format_elapsed(time.time() - started)}")
             self.output.note(self.outcome.reason)
         else:
             if code is not None and code < 0:
@@ -416,6 +443,7 @@ class _Attempt:
         output.flush()
         final = outcome.action in (Action.ACK, Action.SET_ASIDE) or (
             outcome.action is Action.HAND_BACK and self.last_attempt)
+        self.console.uploads_started()
         try:
             await self.sync.save_results(
                 include_output=outcome.ran or final, window=self.s.upload_window,
@@ -430,6 +458,7 @@ class _Attempt:
         finally:
             output.close()
             outcome.finished = time.time()
+            self.console.finished(outcome, self.ran_seconds)
             if not self.s.keep_dirs:
                 await trio.to_thread.run_sync(shutil.rmtree, self.expdir, True)
 

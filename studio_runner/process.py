@@ -44,7 +44,9 @@ def reaper_command(control_fd: int, status_fd: int) -> list[str]:
     """The one place that picks the reaper's interpreter and script (a single-file build substitutes its
     own). ``-I -S``: no user site, no PYTHON* variables, no site-packages: fast and unaffected by the
     experiment's or runner's Python setup."""
-    return [sys.executable, "-I", "-S", str(REAPER_SCRIPT), str(control_fd), str(status_fd)]
+    from studio_runner.pythons import reaper_python  # the host's interpreter in the one-file build
+
+    return [reaper_python(), "-I", "-S", str(REAPER_SCRIPT), str(control_fd), str(status_fd)]
 
 
 def _encode_spec(argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> bytes:

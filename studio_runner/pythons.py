@@ -11,6 +11,11 @@ README, "Python version"), or ``InterpreterNotFound`` with ``strict``.
 Discovery takes about half a second (probes and ``uv python find``): :func:`warm_up` does it at runner
 start-up for the version experiments ask most (the runner's own ``major.minor``, which is what a client on the
 same Python sends), so the first experiment finds the answer remembered.
+
+In the one-file build (PyInstaller, build/onefile.sh) ``sys.executable`` is the bundle, not a Python, and the
+bundled interpreter has no ``bin/``: the default interpreter is then the host's (:func:`host_interpreter`:
+the search paths, ``python3`` on PATH, what uv finds, or one uv downloads with ``--python-downloads``), which
+also runs the reaper script (:func:`reaper_python`), and uv is the binary inside the bundle.
 """
 
 from __future__ import annotations
@@ -51,8 +56,58 @@ _probed: dict[str, str | None] = {}
 _refused: dict[tuple[str, str | None], str | None] = {}
 
 
+_host_lock = threading.Lock()
+_host: list[Interpreter] = []  # the frozen build's default, once found
+
+NO_HOST_PYTHON = (
+    "no Python interpreter for experiments: the one-file studio-runner carries none it can lend them. "
+    "Install python3 (>= 3.8) on PATH, point --python-search-path at one, or allow --python-downloads so "
+    "that uv installs one"
+)
+
+
+def bundle_dir() -> Path | None:
+    """Where the one-file build unpacked itself (PyInstaller's ``sys._MEIPASS``); None when not frozen."""
+    meipass = getattr(sys, "_MEIPASS", None)
+    return Path(meipass) if getattr(sys, "frozen", False) and meipass else None
+
+
+def host_interpreter(
+    search_paths: Sequence[Path] = (), allow_downloads: bool = False, uv: str | None = None
+) -> Interpreter:
+    """The frozen build's default interpreter, found once and remembered: the first Python 3 among the
+    configured search paths, ``python3``/``python`` on PATH, and what ``uv python find`` sees (managed
+    interpreters, pyenv's global); with ``allow_downloads``, one uv installs. InterpreterNotFound if none."""
+    with _host_lock:
+        if _host:
+            return _host[0]
+        uv = uv or resolve_uv()
+        on_path = [shutil.which(name) for name in ("python3", "python")]
+        candidates = [*_local_candidates(search_paths), *(Path(p) for p in on_path if p)]
+        for path in dict.fromkeys(candidates):
+            version = _probe(path)
+            if version and _matches(version, (3,)) and unusable_reason(path, uv) is None:
+                _host.append(Interpreter(path, version))
+                return _host[0]
+        found = _uv_find(uv, "3", allow_downloads) if uv else None
+        version = _probe(found) if found else None
+        if found is None or version is None:
+            raise InterpreterNotFound(NO_HOST_PYTHON)
+        _host.append(Interpreter(found, version))
+        return _host[0]
+
+
+def reaper_python() -> str:
+    """The interpreter that runs the reaper script (stdlib only): the runner's own, or the host's when the
+    runner is the one-file build (whose executable is not a Python)."""
+    return str(host_interpreter().path) if bundle_dir() else sys.executable
+
+
 def default_interpreter() -> Interpreter:
-    """The interpreter the runner itself runs on (its base, never the runner's own venv)."""
+    """The interpreter the runner itself runs on (its base, never the runner's own venv); the host's in the
+    one-file build."""
+    if bundle_dir():
+        return host_interpreter()
     base = Path(sys.base_prefix) / "bin"
     for name in (f"python{sys.version_info[0]}.{sys.version_info[1]}", "python3", "python"):
         if (base / name).is_file():
@@ -184,7 +239,7 @@ def _discover(
     if not _REQUEST_RE.match(request) and request:
         return None, ""
     wanted = tuple(int(p) for p in request.split(".")) if request else ()
-    default = default_interpreter()
+    default = host_interpreter(search_paths, allow_downloads, uv) if bundle_dir() else default_interpreter()
     if len(wanted) < 2 and _matches(default.version, wanted):
         return default, ""
     candidates = [(default.path, default.version)]
@@ -211,6 +266,9 @@ def resolve_uv(uv_bin: str | None = None) -> str | None:
     """The uv executable: ``uv_bin`` when given (None if it does not exist), else the bundled or PATH uv."""
     if uv_bin:
         return uv_bin if Path(uv_bin).is_file() else shutil.which(uv_bin)
+    bundle = bundle_dir()
+    if bundle and (bundle / "uv").is_file():  # the one-file build carries uv at its top level
+        return str(bundle / "uv")
     try:
         from uv import find_uv_bin
 
@@ -220,7 +278,13 @@ def resolve_uv(uv_bin: str | None = None) -> str | None:
 
 
 def runner_version() -> str:
-    """The runner's own ``major.minor``: what a client running the same Python sends as ``pythonver``."""
+    """The runner's own ``major.minor``: what a client running the same Python sends as ``pythonver``.
+    In the one-file build, the host interpreter's (its bundled Python is no client's); blocking there."""
+    if bundle_dir():
+        try:
+            return ".".join(host_interpreter().version.split(".")[:2])
+        except InterpreterNotFound:
+            pass
     return f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 

@@ -13,15 +13,18 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
 import trio
 
 from studio_runner import pythons
+from studio_runner.attempt import Outcome
 from studio_runner.config import Settings
 from studio_runner.envs import EnvCache
+from studio_runner.errors import ConfigError
 from studio_runner.events import Registry, current_attempt
 from studio_runner.executor import Executor, ExecutorSettings
 from studio_runner.gpus import GpuPool, open_gpu_backend, visible_from_environ
@@ -37,7 +40,7 @@ from studio_runner.units import format_size
 
 log = logging.getLogger("studio_runner")
 
-__all__ = ["build_backends", "build_stores", "configure_logging", "open_runner", "start_warm_up"]
+__all__ = ["build_backends", "build_stores", "configure_logging", "open_runner", "serve", "start_warm_up"]
 
 
 def build_backends(settings: Settings, runner_id: str) -> list[QueueBackend]:
@@ -187,3 +190,53 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
         if ledger.gpus is not None:
             ledger.gpus.close()  # NVML shut down
         release_root(root, keep=settings.debug)
+
+
+async def serve(settings: Settings, *, once: bool = False, handle_signals: bool = True,
+                reload: Callable[[], Settings] | None = None) -> list[Outcome]:
+    """What ``studio-runner run`` does: open the runner, serve its status endpoint, obey the state file and
+    SIGHUP reloads (``reload`` re-resolves the settings), and serve queues until shut down (or drained with
+    ``once``); returns the outcomes."""
+    started_at = time.time()
+    async with open_runner(settings) as supervisor, trio.open_nursery() as nursery:
+        address = await start_status_server(nursery, settings, supervisor, started_at)
+        from studio_runner.console import banner_lines
+
+        for line in banner_lines(settings, address):
+            log.info("%s", line)
+        if settings.state_file:
+            from studio_runner.statefile import watch_state_file
+
+            nursery.start_soon(watch_state_file, settings.state_file, supervisor.set_intake_state)
+        if reload is not None:
+            from studio_runner.reload import Reloader
+
+            supervisor.on_reload = Reloader(supervisor, settings, reload)
+        outcomes = await supervisor.run(once=once, handle_signals=handle_signals)
+        nursery.cancel_scope.cancel()
+    return outcomes
+
+
+async def start_status_server(nursery: trio.Nursery, settings: Settings, supervisor: Supervisor,
+                              started_at: float) -> str | None:
+    """Serve /metrics, /status and /healthz on --prom-address; returns the bound ``host:port`` or None.
+
+    An address the user chose that cannot be bound stops the start (ConfigError); the default one being
+    taken (another runner on this machine) only costs the endpoint, with a warning."""
+    if not settings.prom_address:
+        return None
+    from studio_runner.status import StatusApp
+    from studio_runner.statusserver import serve_status
+
+    # subscribes metrics, output tails and totals to the registry's bus before the supervisor runs
+    app = StatusApp(supervisor, host=settings.hostname, started_at=started_at)
+    try:
+        address: str = await nursery.start(serve_status, settings.prom_address, app)
+    except OSError as exc:
+        app.close()
+        if settings.explicitly_set("prom-address"):
+            raise ConfigError(f"--prom-address {settings.prom_address}: cannot listen there: {exc}") from None
+        log.warning("status endpoint off: %s is taken (%s); set --prom-address to another HOST:PORT",
+                    settings.prom_address, exc.strerror or exc)
+        return None
+    return address

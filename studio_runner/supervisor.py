@@ -25,6 +25,7 @@ import logging
 import re
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -32,12 +33,14 @@ import trio
 
 from studio_runner.attempt import Abort, Action, Outcome, Phase, Status, StopCause
 from studio_runner.errors import RequestInvalid
-from studio_runner.events import AttemptRecord, Registry
+from studio_runner.events import AttemptRecord, IntakeChanged, QueueChecked, QueuesListed, Registry
 from studio_runner.policies import Retries
 from studio_runner.queues.base import Delivery, QueueBackend
+from studio_runner.redact import mask_patterns
 from studio_runner.request import Request, parse_request
 from studio_runner.resources import Demand, DoesNotFit, Ledger, NeverFits, Reservation
 from studio_runner.storage import StorageHealth
+from studio_runner.units import format_elapsed
 
 log = logging.getLogger("studio_runner.supervisor")
 
@@ -86,6 +89,24 @@ class IntakeSettings:
     """Outcomes kept for ``run()``'s return value (the CLI's --once, the demo, tests); older ones drop."""
 
 
+RUNNING = "Running"
+DRAIN_AND_SUSPEND = "DrainAndSuspend"
+DRAIN_AND_TERMINATE = "DrainAndTerminate"
+SHUTTING_DOWN = "ShuttingDown"
+INTAKE_STATES = (RUNNING, DRAIN_AND_SUSPEND, DRAIN_AND_TERMINATE)
+"""The states an operator sets (state file, POST /intake); the spec's Kubernetes ConfigMap values.
+``ShuttingDown`` is the runner's own, after a signal, and cannot be left."""
+
+
+def backend_location(backend: QueueBackend) -> str:
+    """Where a backend's queues live, for metrics and status: its queue root or its broker URL (masked)."""
+    root = getattr(backend, "root", None)
+    if root is not None:
+        return str(root)
+    url = getattr(backend, "amqp_url_masked", None) or getattr(backend, "location", None)
+    return mask_patterns(str(url)) if url else backend.kind
+
+
 def queue_selected(name: str, match: str, mismatch: str) -> bool:
     """The runner's queue filter: matches ``match``, not ``mismatch``, and is never a ``_response`` queue."""
     if name.endswith("_response"):
@@ -130,6 +151,12 @@ class Supervisor:
         self._next = 0
         self._stopping = trio.Event()
         self._wake = trio.Event()
+        self._rescan_now = trio.Event()
+        self.intake_state = RUNNING
+        self.intake_reason = ""
+        self.intake_since = time.time()
+        self.on_reload: Callable[[], object] | None = None
+        """Called on SIGHUP (with ``handle_signals``): the runtime re-reads the configuration file."""
 
     # -- public control -------------------------------------------------------------------------------------
     @property
@@ -137,12 +164,53 @@ class Supervisor:
         """Messages occupying a slot now (claimed and not yet finished running and uploading)."""
         return self._running
 
+    def set_intake_state(self, state: str, reason: str) -> None:
+        """Obey an operator: ``Running`` takes work; ``DrainAndSuspend`` takes none while running experiments
+        finish (and are acknowledged as usual), until ``Running`` again; ``DrainAndTerminate`` takes none
+        and ends :meth:`run` once nothing is held. Raises ValueError for any other state. Once shutting down
+        (a signal), the state no longer changes."""
+        if state not in INTAKE_STATES:
+            raise ValueError(f"unknown intake state {state!r}; expected one of {', '.join(INTAKE_STATES)}")
+        if self.intake_state == SHUTTING_DOWN or state == self.intake_state:
+            return
+        self._set_state(state, reason)
+        if state == RUNNING:
+            log.info("intake resumed (%s)", reason)
+        else:
+            log.info("intake %s (%s): no new work is taken; %d experiment(s) running", state, reason,
+                     self._running)
+        self._notify()
+
+    def _set_state(self, state: str, reason: str) -> None:
+        self.intake_state, self.intake_reason, self.intake_since = state, reason, time.time()
+        self.registry.bus.publish(IntakeChanged(state, reason, self.intake_since))
+
+    def served_queues(self) -> list[dict[str, object]]:
+        """The queues served now, for status pages: backend, name, seconds until looked at again (None
+        when open) and a note saying why it is skipped."""
+        now = trio.current_time()
+        rows: list[dict[str, object]] = []
+        for backend, name in self._queues:
+            key = (backend.kind, name)
+            paused = self._paused_until.get(key, 0.0) - now
+            note = ""
+            if paused > 0:
+                note = "a request here can never run on this runner"
+            elif key in self._twins and self._twins[key] in self._held:
+                note = "waiting for a running copy of its last experiment"
+            elif not self._fits_last_demand(backend.kind, name, now):
+                note = "its last request does not fit now"
+            rows.append({"backend": backend.kind, "name": name,
+                         "paused_for_s": round(paused, 1) if paused > 0 else None, "note": note})
+        return rows
+
     def shutdown(self, hard: bool = False) -> None:
         """Stop taking work; with ``hard`` (or after --drain-timeout) stop running experiments and hand
         their messages back; messages waiting out a back-off are handed back at once."""
         if not self._stopping.is_set():
             log.info("shutting down: no new work is taken; %d experiment(s) running", self._running)
             self._stopping.set()
+            self._set_state(SHUTTING_DOWN, "shutting down")
             self._notify()
         if hard:
             for held in list(self._held.values()):
@@ -168,16 +236,21 @@ class Supervisor:
     # -- discovery ------------------------------------------------------------------------------------------
     async def _rescan(self) -> None:
         queues: list[tuple[QueueBackend, str]] = []
+        publish = self.registry.bus.publish
         for backend in self.backends:
             try:
                 names = await backend.discover()
             except Exception as exc:  # a broker being down is not fatal: keep the last list
                 log.warning("listing %s queues failed: %s", backend.kind, exc)
-                queues.extend(q for q in self._queues if q[0] is backend)
+                kept = [q for q in self._queues if q[0] is backend]
+                queues.extend(kept)
+                publish(QueuesListed(backend.kind, backend_location(backend), False,
+                                     tuple(q[1] for q in kept), str(exc) or type(exc).__name__))
                 continue
-            for name in sorted(names):
-                if queue_selected(name, self.s.queue_match, self.s.queue_mismatch):
-                    queues.append((backend, name))
+            mine = [name for name in sorted(names)
+                    if queue_selected(name, self.s.queue_match, self.s.queue_mismatch)]
+            queues.extend((backend, name) for name in mine)
+            publish(QueuesListed(backend.kind, backend_location(backend), True, tuple(mine)))
         changed = [q[1] for q in queues] != [q[1] for q in self._queues]
         if changed:
             log.info("serving %d queue(s): %s", len(queues), ", ".join(q[1] for q in queues) or "none")
@@ -185,9 +258,19 @@ class Supervisor:
         if changed:
             self._notify()  # intake may be waiting on the old list: look at the new queues now
 
+    def wake(self) -> None:
+        """Make intake look at its rules again now (a limit or filter changed)."""
+        self._notify()
+
+    def rescan_soon(self) -> None:
+        """List the queues again now (the name filter changed), not at the next --rescan-interval."""
+        self._rescan_now.set()
+
     async def _rescan_loop(self) -> None:
         while True:
-            await trio.sleep(self.s.rescan_interval)
+            with trio.move_on_after(self.s.rescan_interval):
+                await self._rescan_now.wait()
+            self._rescan_now = trio.Event()
             await self._rescan()
 
     async def _gpu_refresh_loop(self, ledger: Ledger) -> None:
@@ -209,6 +292,17 @@ class Supervisor:
     async def _intake(self, work: trio.Nursery, once: bool) -> None:
         outage_logged = False
         while not self._stopping.is_set():
+            if self.intake_state != RUNNING:
+                if not self._held and (self.intake_state == DRAIN_AND_TERMINATE or once):
+                    if self.intake_state == DRAIN_AND_TERMINATE:
+                        log.info("drained: nothing is running; terminating as the state asks")
+                    return
+                for backend in self.backends:  # the spec's runner_queue_ignored with queue name "*"
+                    self.registry.bus.publish(QueueChecked(backend.kind, backend_location(backend), "*",
+                                                           ignored=True))
+                with trio.move_on_after(self.s.idle_repoll):
+                    await self._wake.wait()
+                continue
             outage = self.health.outage
             if outage and not outage_logged:
                 log.warning("not taking new work while results cannot be saved (%s)", outage)
@@ -286,10 +380,13 @@ class Supervisor:
         """One message from the next queue that has one, round-robin so no queue starves another."""
         queues = list(self._queues)
         now = trio.current_time()
+        publish = self.registry.bus.publish
         for offset in range(len(queues)):
             backend, name = queues[(self._next + offset) % len(queues)]
             if not self._queue_open(backend.kind, name, now):
+                publish(QueueChecked(backend.kind, backend_location(backend), name, ignored=True))
                 continue
+            publish(QueueChecked(backend.kind, backend_location(backend), name))
             try:
                 delivery = await backend.receive(name)
             except Exception as exc:
@@ -389,11 +486,18 @@ class Supervisor:
         self.shutdown(hard=True)
 
     async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             count = 0
             async for signum in signals:
-                count += 1
                 name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if self.on_reload is None:
+                        log.info("SIGHUP received: no configuration file to reload")
+                    else:
+                        log.info("SIGHUP received: reloading the configuration")
+                        self.on_reload()
+                    continue
+                count += 1
                 if count == 1:
                     log.warning("%s received: finishing up (send it again to stop experiments now)", name)
                     self.shutdown(hard=False)
@@ -481,8 +585,8 @@ class Supervisor:
             outcome.reason = f"{outcome.reason} (gave up after {delivery.attempt} attempts)"
         outcome.action = action
         self.results.append(outcome)
-        summary = f"{outcome.status} in {outcome.seconds:.1f}s" + (f": {outcome.reason}" if outcome.reason
-                                                                    else "")
+        summary = f"{outcome.status} in {format_elapsed(outcome.seconds)}" + (
+            f": {outcome.reason}" if outcome.reason else "")
         level = logging.INFO if outcome.status in (Status.SUCCESS, Status.DEFERRED) else logging.WARNING
         log.log(level, "experiment %s on %s: %s (attempt %d, %s)", outcome.key, outcome.queue, summary,
                 delivery.attempt, _ACTION_WORDS[action])

@@ -162,3 +162,31 @@ def format_duration(seconds: float) -> str:
     minutes, secs = divmod(rest, 60)
     parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
     return "".join(parts)
+
+
+def format_elapsed(seconds: float) -> str:
+    """A duration for a log line, short and steady in width: ``0.4s``, ``45s``, ``1m03s``, ``1h02m``.
+
+    Unlike :func:`format_duration` (exact, read back by :func:`parse_duration`), this rounds to what a person
+    reading a log wants: tenths below 10 s, whole seconds below an hour, minutes from an hour on.
+    """
+    if not math.isfinite(seconds):
+        return str(seconds)
+    if seconds < 0:
+        return "-" + format_elapsed(-seconds)
+    if seconds < 9.95:
+        return f"{seconds:.1f}s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def format_rate(nbytes: float, seconds: float) -> str:
+    """Throughput for people: ``format_rate(31_500_000, 1.0)`` -> ``"30 MiB/s"``; ``"-"`` without time."""
+    if seconds <= 0 or not math.isfinite(seconds):
+        return "-"
+    return f"{format_size(round(nbytes / seconds))}/s"

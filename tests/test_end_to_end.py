@@ -158,8 +158,10 @@ def test_kill_9_mid_experiment_then_another_runner_completes_it(sandbox: Sandbox
 def test_sigterm_hands_the_running_experiment_back(sandbox: Sandbox, tmp_path):
     marker = tmp_path / "started"
     script = write_script(tmp_path / "long", "long.py", f"""\
-        import pathlib, time
-        pathlib.Path({str(marker)!r}).write_text("x")
+        import os, pathlib, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        pathlib.Path({str(marker)!r} + ".tmp").write_text(f"{{os.getpid()}} {{child.pid}}")
+        os.rename({str(marker)!r} + ".tmp", {str(marker)!r})
         print("started", flush=True)
         time.sleep(120)
         """)
@@ -169,9 +171,15 @@ def test_sigterm_hands_the_running_experiment_back(sandbox: Sandbox, tmp_path):
     while not marker.exists():
         assert runner.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
+    pids = [int(p) for p in marker.read_text().split()]
+    signalled = time.monotonic()
     runner.send_signal(signal.SIGTERM)
     out, _ = runner.communicate(timeout=60)
     assert runner.returncode == 0, out
+    # the grace period is 2 s: stopping, the final upload and the hand-back take a few seconds, not minutes
+    assert time.monotonic() - signalled < 20, out
+    for pid in pids:  # the experiment and its own child are gone, not orphaned
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
     assert sandbox.pending("local_e2e"), "the message must be back on its queue"
     assert "started" in sandbox.output_text("exp_term")  # output so far was uploaded
 

@@ -24,6 +24,8 @@ import pika
 import pika.exceptions as pex
 import trio
 
+from studio_runner.queues.rmq_mgmt import describe_amqp_error
+
 log = logging.getLogger(__name__)
 
 ATTEMPT_HEADER = "x-studio-runner-attempt"
@@ -265,8 +267,8 @@ class Link(threading.Thread):
                 failures += 1
                 self.first_attempt.set()
                 delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
-                log.warning("cannot connect to RabbitMQ at %s (%s: %s); retrying in %.1f s",
-                            self._display, type(exc).__name__, exc, delay)
+                log.warning("cannot connect to RabbitMQ at %s (%s); retrying in %.1f s",
+                            self._display, self._reason(exc), delay)
                 self._stopping.wait(delay)
                 continue
             if failures:
@@ -281,9 +283,9 @@ class Link(threading.Thread):
             try:
                 self._serve(conn)
             except Exception as exc:
-                why = f"connection to the broker lost ({type(exc).__name__}: {exc})"
-                log.warning("lost the RabbitMQ connection to %s (%s: %s); reconnecting",
-                            self._display, type(exc).__name__, exc,
+                why = f"connection to the broker lost ({self._reason(exc)})"
+                log.warning("lost the RabbitMQ connection to %s (%s); reconnecting", self._display,
+                            self._reason(exc),
                             exc_info=not isinstance(exc, (pex.AMQPError, OSError)))
                 failures = 1
             finally:
@@ -291,6 +293,9 @@ class Link(threading.Thread):
             if failures and not self._stopping.is_set():
                 self._stopping.wait(_BACKOFF_FIRST * random.uniform(0.5, 1.0))
         self.first_attempt.set()
+
+    def _reason(self, exc: BaseException) -> str:
+        return describe_amqp_error(exc, self._params.host, self._params.port)
 
     def _disconnect(self, conn: Any, why: str) -> None:
         with self._lock:

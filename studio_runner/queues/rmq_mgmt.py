@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import ssl
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
+import pika.adapters.utils.connection_workflow as cw
+import pika.exceptions as pex
 
 from studio_runner.redact import mask_patterns
 
@@ -43,6 +47,50 @@ def mask_url(url: str) -> str:
     return mask_patterns(url)
 
 
+def _innermost(exc: BaseException) -> BaseException:
+    """The cause inside pika's wrappers, whose own str() is empty (AMQPConnectionError(
+    AMQPConnectorSocketConnectError(ConnectionRefusedError())) prints as '')."""
+    for _ in range(10):  # wrappers nest a few levels at most
+        if isinstance(exc, pex.AMQPConnectionError) and exc.args and isinstance(exc.args[0], BaseException):
+            exc = exc.args[0]
+        elif isinstance(exc, cw.AMQPConnectionWorkflowFailed) and exc.exceptions:
+            exc = exc.exceptions[-1]
+        elif isinstance(exc, cw.AMQPConnectorPhaseErrorBase) and exc.exception is not None:
+            exc = exc.exception
+        else:
+            break
+    return exc
+
+
+def describe_amqp_error(exc: BaseException, host: str, port: int) -> str:
+    """Why connecting to (or talking with) the broker at ``host:port`` failed, in plain words with any
+    credentials masked: 'connection refused by 127.0.0.1:1', never the empty text pika's errors print."""
+    cause = _innermost(exc)
+    where = f"{host}:{port}"
+    if isinstance(cause, (pex.ProbableAuthenticationError, pex.AuthenticationError)):
+        text = f"{where} refused the user name or password"
+    elif isinstance(cause, pex.ProbableAccessDeniedError):
+        text = f"{where} denied access; may the user use this virtual host?"
+    elif isinstance(cause, ConnectionRefusedError):
+        text = f"connection refused by {where}; is a broker running on that port?"
+    elif isinstance(cause, socket.gaierror):
+        text = f"cannot resolve host {host!r} ({cause.strerror or cause})"
+    elif isinstance(cause, (TimeoutError, socket.timeout, cw.AMQPConnectorStackTimeout)):
+        text = f"timed out connecting to {where}"
+    elif isinstance(cause, ssl.SSLError):
+        text = f"TLS handshake with {where} failed ({cause.reason or cause})"
+    elif isinstance(cause, pex.IncompatibleProtocolError):
+        text = f"{where} does not speak AMQP 0-9-1; is that the broker's AMQP port?"
+    elif isinstance(cause, pex.ConnectionClosedByBroker):
+        text = f"{where} closed the connection ({cause.reply_code} {cause.reply_text})"
+    elif isinstance(cause, OSError) and cause.strerror:
+        text = f"{cause.strerror.lower()} ({where})"
+    else:
+        detail = str(cause) or repr(cause)
+        text = f"{type(cause).__name__}: {detail}" if type(cause).__name__ not in detail else detail
+    return mask_patterns(text)
+
+
 def amqp_vhost(amqp_url: str) -> str:
     """The virtual host of an AMQP URL (pika's rule: first path segment, unquoted; default ``/``)."""
     path = urlsplit(amqp_url).path
@@ -60,7 +108,8 @@ def amqp_credentials(amqp_url: str) -> tuple[str, str]:
 
 
 def derive_mgmt_url(amqp_url: str) -> str:
-    """Go's rule: same host, AMQP port + 10000, ``http`` for ``amqp`` and ``https`` for ``amqps``.
+    """Go's rule: same host, AMQP port + 10000, ``http`` for ``amqp`` and ``https`` for ``amqps``; where that
+    is past 65535 (Go's rule breaks), the management plugin's default port 15672.
 
     The credentials are not copied into the result; :class:`RabbitMgmt` takes them from the AMQP URL.
     """
@@ -70,7 +119,8 @@ def derive_mgmt_url(amqp_url: str) -> str:
     host = parts.hostname or "localhost"
     if ":" in host:
         host = f"[{host}]"
-    return f"{'https' if tls else 'http'}://{host}:{port + 10000}"
+    mgmt_port = port + 10000 if port + 10000 <= 65535 else 15672
+    return f"{'https' if tls else 'http'}://{host}:{mgmt_port}"
 
 
 def parse_version(text: str) -> tuple[int, ...]:

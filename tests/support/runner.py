@@ -47,6 +47,7 @@ class Sandbox:
             STUDIO_RUNNER_ABORT_CHECK_INTERVAL="1s",
             STUDIO_RUNNER_LOG_LEVEL="debug",
             STUDIO_RUNNER_RETRY_DELAY="0.2s",  # hand-backs wait a moment, not the default 10 s
+            STUDIO_RUNNER_PROM_ADDRESS="127.0.0.1:0",  # every runner serves its status, on a free port
             PYTHONPATH=str(REPO),
         )
         env.update(overrides)
