@@ -13,8 +13,12 @@ per label downloaded, served by the cache, uploaded, and the downloads in flight
 how big they are), so the runner's log can say what a slow download is doing without any store knowing.
 
 Faults say whether another attempt can help: content that can never be used (corrupt, not an archive,
-unsafe, over the request's ``hdd``) is ``ArtifactRejected``/``ArchiveUnsafe`` (FAIL); storage trouble, a full
-disk (``DiskFull``) and other I/O errors are retried.
+unsafe, over the request's ``hdd``) is ``ArtifactRejected``/``ArchiveUnsafe`` (FAIL); a locator this runner
+must not touch (a local path outside its storage roots) is ``LocatorRefused`` (the message is set aside;
+:func:`check_locators` finds it before anything moves); storage trouble, a full disk (``DiskFull``) and
+other I/O errors are retried. Every path a request's strings become stays inside the experiment directory:
+the label is one plain name (:func:`_label_dir`), a downloaded file is named after the last segment of its
+key (:func:`_object_name`), and archive members are filtered (:func:`~studio_runner.archives.safe_extract`).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from studio_runner.errors import (
 )
 from studio_runner.request import Artifact
 from studio_runner.storage import Stores, redact_url
-from studio_runner.storage.base import Credentials, ObjectInfo, ObjectStore
+from studio_runner.storage.base import Credentials, LocatorRefused, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +230,28 @@ def _label_dir(expdir: Path, label: str) -> Path:
     return expdir / label
 
 
+def _refused(artifact: Artifact, exc: LocatorRefused) -> LocatorRefused:
+    """``exc`` naming the artifact it is about (a set-aside reason the experimenter can act on)."""
+    return LocatorRefused(f"artifact {artifact.label!r}: {exc}",
+                          field=f"experiment.artifacts.{artifact.label}")
+
+
+def check_locators(chosen: Mapping[str, Artifact], stores: Stores) -> dict[str, LocatorRefused]:
+    """The artifacts whose locator this runner must not touch, by label, each with its reason (blocking:
+    local locators are resolved on the file system). Run before anything is downloaded, so that a request
+    naming ``/etc/passwd`` or ``~/.ssh`` is set aside without a byte read or written there."""
+    found: dict[str, LocatorRefused] = {}
+    for label, artifact in sorted(chosen.items()):
+        url = artifact.locator
+        if not url:
+            continue
+        try:
+            stores.check(url)
+        except LocatorRefused as exc:
+            found[label] = _refused(artifact, exc)
+    return found
+
+
 def _object_name(artifact: Artifact, url: str) -> str:
     name = (artifact.key or urlsplit(url).path).rstrip("/").rsplit("/", 1)[-1]
     return name if name not in ("", ".", "..") else artifact.label
@@ -351,6 +377,8 @@ async def fetch_artifact(
                 return Restored.ABSENT
             shown = redact_url(url)
             raise ArtifactError(f"immutable artifact {artifact.label} not found at {shown}") from None
+        except LocatorRefused as exc:
+            raise _refused(artifact, exc) from None
         finally:
             if stats is not None:
                 stats.in_flight.pop(artifact.label, None)
@@ -427,7 +455,10 @@ async def upload_artifact(
     if packed is None:
         return fingerprint
     try:
-        await store.put(packed, url, artifact.access_credentials)
+        try:
+            await store.put(packed, url, artifact.access_credentials)
+        except LocatorRefused as exc:
+            raise _refused(artifact, exc) from None
         stats = _stats.get()
         if stats is not None:
             stats.uploaded[artifact.label] = (await trio.to_thread.run_sync(os.stat, packed)).st_size

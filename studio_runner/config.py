@@ -111,6 +111,13 @@ def _address(text: str) -> str:
     return f"{host.strip('[]') or '127.0.0.1'}:{int(port)}"
 
 
+def _isolation(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("none", "bwrap"):
+        raise ValueError(f"expected none or bwrap, got {text!r}")
+    return value
+
+
 def _path(text: str) -> Path:
     return Path(os.path.expandvars(os.path.expanduser(text)))
 
@@ -265,6 +272,28 @@ OPTIONS: tuple[Option, ...] = _sectioned(
     Option("abort-check-interval", units.parse_duration, "10s",
            "How often the queue of a running experiment is checked; deleting the queue aborts it.",
            "duration", minimum=0.5),
+    Section("Message security", "Encrypted and signed requests (StudioML's public_key_path and "
+            "signing_key_path), limits on what a message may be, and experiment isolation."),
+    Option("clear-text-messages", _bool, "true",
+           "Accept unencrypted requests. false: only encrypted (and signed) requests run; clear ones are set "
+           "aside with a reason.", "bool", go_env="CLEAR_TEXT_MESSAGES"),
+    Option("encrypt-dir", _path, "./certs/message",
+           "Directory with the runner's RSA key for encrypted requests: encryption/ssh-privatekey (PKCS#1 or "
+           "PKCS#8 PEM, encrypted or not) and passphrase/ssh-passphrase (the Kubernetes secret mounts). Read "
+           "when the first encrypted request arrives.", "path", go_env="ENCRYPT_DIR"),
+    Option("request-signatures-dir", _path, "./certs/queues/signing",
+           "Ed25519 public keys (authorized_keys lines) that verify signed requests; the file whose name is "
+           "the longest prefix of the queue name applies. Re-read while the runner runs.", "path",
+           go_env="REQUEST_SIGNATURES_DIR"),
+    Option("response-signatures-dir", _path, "./certs/queues/response-encrypt",
+           "RSA public keys (file name = queue prefix) that encrypt the reports sent to <queue>_response.",
+           "path", go_env="RESPONSE_SIGNATURES_DIR"),
+    Option("max-message-size", units.parse_size, "4MiB",
+           "Larger messages are refused (set aside) before they are parsed or decrypted.", "size"),
+    Option("isolate", _isolation, "none",
+           "Run experiments isolated from the rest of the machine: none, or bwrap (bubblewrap: the "
+           "experiment directory writable, its environment read-only, the rest of the file system hidden "
+           "or read-only).", "str"),
     Section("Working directory and host", "Where experiments run and what this runner is called."),
     Option("working-dir", _required_path, lambda: os.environ.get("TMPDIR") or "/tmp",
            "Directory for experiment directories; its filesystem is the disk pool. Default: $TMPDIR when "
@@ -325,6 +354,12 @@ OPTIONS: tuple[Option, ...] = _sectioned(
            go_env="CACHE_DIR", generic=True, effect="turns the artifact download cache on there"),
     Option("cache-size", units.parse_size, "10GiB", "Size bound of the artifact cache.", "size",
            go_env="CACHE_SIZE", generic=True, effect="sets the artifact cache's size bound"),
+    Option("local-storage-roots", _path_list, lambda: str(_studioml_home() / "storage"),
+           "Directories that a request's local artifact locators (file:// URLs and plain paths: StudioML's "
+           f"local storage) may name, separated by '{os.pathsep}'; a request naming any other place (after "
+           "symbolic links and '..' are resolved) is set aside. The artifact cache is always allowed; '/' "
+           "allows everything, an empty value no local locator at all. Default: $STUDIOML_HOME/storage.",
+           "str", doc_default="~/.studioml/storage"),
     Option("allow-env-secrets", _bool, "false",
            "Use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from a request's config.env for artifacts that carry "
            "no credentials.", "bool", go_env="ALLOW_ENV_SECRETS"),

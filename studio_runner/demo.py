@@ -53,7 +53,8 @@ def run_demo(flags: dict, demo_dir: Path | None = None) -> int:
     work = base / "work"
     work.mkdir(parents=True, exist_ok=True)
     flags = dict(flags)
-    flags.update(queue_root=str(queue_root), working_dir=str(work))
+    flags.update(queue_root=str(queue_root), working_dir=str(work),
+                 local_storage_roots=str(base / "storage"))
     if flags.get("grace_period") is None:  # the timeout example need not wait the default 10 s
         flags["grace_period"] = "2s"
     settings = config.resolve(flags)

@@ -42,6 +42,12 @@ class RequestInvalid(RunnerError):
         self.field = field
 
 
+class RequestRefused(RequestInvalid):
+    """A message the runner will not run by policy: larger than --max-message-size, clear text while
+    --clear-text-messages is false, or an envelope that is unsigned, signed by no key this queue trusts, or
+    that does not verify or decrypt. Its reason never holds key material or decrypted fields."""
+
+
 class RequestExpired(RunnerError):
     """The request's ``experimentLifetime`` ended before it could start."""
 

@@ -35,7 +35,7 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
 
-from studio_runner import artifacts, launch, metadata, process
+from studio_runner import artifacts, isolation, launch, metadata, process
 from studio_runner.attempt import Abort, Action, Outcome, Phase, Status, StopCause
 from studio_runner.console import AttemptConsole
 from studio_runner.envs import EnvCache
@@ -43,7 +43,7 @@ from studio_runner.errors import Disposition, RequestExpired, RunnerError
 from studio_runner.events import AttemptRecord, Registry, bind_attempt
 from studio_runner.outputlog import OutputLog
 from studio_runner.policies import Backoff, Checkpoints, Deadline, Lifetime
-from studio_runner.redact import Redactor
+from studio_runner.redact import Redactor, remember
 from studio_runner.request import Artifact, Request
 from studio_runner.resources import Reservation
 from studio_runner.storage import Stores
@@ -81,6 +81,8 @@ class ExecutorSettings:
     upload_window: float = 1800.0
     """How long the final upload is retried before the message is handed back."""
     upload_backoff: Backoff = field(default_factory=lambda: Backoff(2.0, 60.0))
+    isolate: str = "none"
+    """--isolate: "none", or "bwrap" (each experiment in a bubblewrap sandbox: studio_runner.isolation)."""
 
 
 class Executor:
@@ -176,6 +178,8 @@ class _Attempt:
         self.process_started = False
         self.redactor = Redactor([*request.secrets(), *self.s.runner_secrets],
                                  credentials=request.credential_values())
+        # every exit point that does not hold this redactor (runner log, /status, set-aside reasons) too
+        remember(request.secrets(), request.credential_values())
         self.scraper = metadata.MetadataScraper(schema_logs=self.s.schema_logs)
         # The callbacks below must not capture ``self``: the OutputLog and ArtifactSync they are given to
         # are held by ``self``, and such a reference cycle keeps the whole attempt (its scraped metadata
@@ -196,7 +200,7 @@ class _Attempt:
                                  on_checkpoint=lambda final: registry.checkpointed(record, final))
 
     def decide(self, status: Status, action: Action, reason: str = "") -> None:
-        self.outcome.set(status, action, reason)
+        self.outcome.set(status, action, self.redactor.mask(reason))
         self.decided = True
 
     async def run(self) -> None:
@@ -255,6 +259,7 @@ class _Attempt:
             output.note(f"warning: {warning}")
 
         console, redactor = self.console, self.redactor
+        await self.sync.check_locators()  # a locator outside the storage roots: set aside, nothing read
         self.registry.phase(self.record, Phase.DOWNLOADING)
         console.begin("downloading")
         await self._download()
@@ -320,11 +325,13 @@ class _Attempt:
         if expanded:  # %NAME% pulled a secret from the runner's environment: mask it too
             self.redactor = Redactor([*request.secrets(), *self.s.runner_secrets, *expanded],
                                      credentials=request.credential_values())
+            remember(expanded)
             output.use(self.redactor)
         started = time.time()
         deadline, limit_name = self.s.deadline.at(request, started)
         interval = self.s.checkpoints.interval(request)
-        proc = await process.start(argv, self.expdir / "workspace", env)  # cancellable: leaves nothing
+        wrapper = isolation.wrapper(self.s.isolate, self.expdir, self.expdir / "workspace", venv, python, env)
+        proc = await process.start(argv, self.expdir / "workspace", env, wrapper=wrapper)  # cancellable
         self.process_started = True  # from here an abort stops the process gracefully instead
         self.record.pid = proc.pid
         self.outcome.ran = self.sync.ran = True
@@ -454,7 +461,8 @@ class _Attempt:
         except RunnerError as exc:
             log.error("experiment %s: %s", outcome.key, exc)
             if outcome.action is Action.ACK:  # its results are not saved: the work must be done again
-                outcome.set(Status.FAULT, Action.HAND_BACK, f"final upload failed: {exc}")
+                outcome.set(Status.FAULT, Action.HAND_BACK,
+                            self.redactor.mask(f"final upload failed: {exc}"))
         finally:
             output.close()
             outcome.finished = time.time()

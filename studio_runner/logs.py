@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import TextIO
 
-from studio_runner.redact import Redactor
+from studio_runner.redact import Redactor, scrub
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -108,7 +108,7 @@ class SafeFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         safe = copy.copy(record)  # other handlers see the record unchanged
-        safe.msg = printable(self._redactor.mask(record.getMessage()))
+        safe.msg = printable(scrub(self._redactor.mask(record.getMessage())))
         safe.args = None
         safe.name = printable(record.name)
         if record.exc_info:
@@ -127,7 +127,7 @@ class SafeFormatter(logging.Formatter):
         return self._multiline(super().formatStack(stack_info))
 
     def _multiline(self, text: str) -> str:
-        return "\n".join(printable(line) for line in self._redactor.mask(text).split("\n"))
+        return "\n".join(printable(line) for line in scrub(self._redactor.mask(text)).split("\n"))
 
 
 _ATTEMPT_FIELDS = ("experiment", "attempt_id", "queue", "attempt")
@@ -143,7 +143,9 @@ class JsonFormatter(logging.Formatter):
         self._redactor = Redactor(secrets)
 
     def format(self, record: logging.LogRecord) -> str:
-        mask = self._redactor.mask
+        def mask(text: str) -> str:
+            return scrub(self._redactor.mask(text))
+
         when = datetime.datetime.fromtimestamp(record.created, tz=datetime.timezone.utc)
         doc: dict[str, object] = {
             "ts": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),

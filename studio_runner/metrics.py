@@ -48,6 +48,7 @@ from prometheus_client.registry import Collector
 from studio_runner import __version__
 from studio_runner.attempt import Status
 from studio_runner.events import AttemptRecord, Event, Finished, QueueChecked, QueuesListed, Registry
+from studio_runner.redact import scrub
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The Prometheus text format's media type (what ``prometheus_client.CONTENT_TYPE_LATEST`` says)."""
@@ -144,8 +145,9 @@ class _LiveCollector(Collector):
 
 
 def running_labels(host: str, record: AttemptRecord) -> tuple[str, ...]:
-    """The label values of one attempt in ``runner_project_running`` / ``runner_project_completed``."""
-    return (host, record.backend, record.queue, record.project, record.key)
+    """The label values of one attempt in ``runner_project_running`` / ``runner_project_completed``; scrubbed
+    (redact.scrub): project and key come from the request."""
+    return tuple(scrub(value) for value in (host, record.backend, record.queue, record.project, record.key))
 
 
 class RunnerMetrics:

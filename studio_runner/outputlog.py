@@ -1,7 +1,7 @@
 """The experiment's ``output/output`` file: the one place experiment lines are masked, written, scraped and
 logged.
 
-The process's raw bytes go through a :class:`~studio_runner.redact.StreamMasker` (masking happens before a
+The process's raw bytes go through a :class:`~studio_runner.streammask.StreamMasker` (masking happens before a
 long line is cut, and ``\\r`` progress output becomes lines of its own); runner notes go through the same
 :class:`~studio_runner.redact.Redactor`. A write that fails (disk full, read-only or broken disk) never
 escapes into the runner: the log records the failure, stops writing, and sets :attr:`OutputLog.broken` so
@@ -19,7 +19,8 @@ import trio
 
 from studio_runner import metadata
 from studio_runner.errors import DiskFull, RunnerError, is_disk_full
-from studio_runner.redact import Redactor, StreamMasker
+from studio_runner.redact import Redactor
+from studio_runner.streammask import StreamMasker
 
 log = logging.getLogger(__name__)
 

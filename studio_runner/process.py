@@ -18,6 +18,10 @@ stderr is merged into stdout in the kernel pipe, the only way to keep the two st
 they were written. On platforms other than Linux there is no subreaper nor death signal: the experiment runs
 as a plain child in its own session; its process group is signalled and cleaned up, but processes that
 leave the group, or the whole tree if the runner is killed with ``kill -9``, may survive (weaker guarantee).
+
+With ``--isolate bwrap`` the experiment's command is prefixed by a sandbox wrapper
+(:mod:`studio_runner.isolation`) and the reaper runs outside it, told so (``--wrapped``): it spares the
+wrapper on a graceful stop and translates its exit status back. ``pid`` is then the wrapper's.
 """
 
 from __future__ import annotations
@@ -40,13 +44,14 @@ REAPER_EXIT_TIMEOUT = 5.0
 """How long after kill() the reaper gets to report and exit before the runner SIGKILLs it and the tree."""
 
 
-def reaper_command(control_fd: int, status_fd: int) -> list[str]:
+def reaper_command(control_fd: int, status_fd: int, wrapped: bool = False) -> list[str]:
     """The one place that picks the reaper's interpreter and script (a single-file build substitutes its
     own). ``-I -S``: no user site, no PYTHON* variables, no site-packages: fast and unaffected by the
-    experiment's or runner's Python setup."""
+    experiment's or runner's Python setup. ``wrapped``: the command runs inside a sandbox wrapper."""
     from studio_runner.pythons import reaper_python  # the host's interpreter in the one-file build
 
-    return [reaper_python(), "-I", "-S", str(REAPER_SCRIPT), str(control_fd), str(status_fd)]
+    command = [reaper_python(), "-I", "-S", str(REAPER_SCRIPT), str(control_fd), str(status_fd)]
+    return [*command, "--wrapped"] if wrapped else command
 
 
 def _encode_spec(argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> bytes:
@@ -268,22 +273,27 @@ class ExperimentProcess:
 
 
 async def start(
-    argv: Sequence[str], cwd: Path, env: Mapping[str, str], *, reaper: bool = REAPER_AVAILABLE
+    argv: Sequence[str], cwd: Path, env: Mapping[str, str], *, reaper: bool = REAPER_AVAILABLE,
+    wrapper: Sequence[str] = (),
 ) -> ExperimentProcess:
     """Start the experiment (under its reaper); raises OSError if it cannot start.
 
     ``reaper=False`` runs it as a plain child in its own session (the non-Linux fallback).
+    ``wrapper``: a sandbox command prefix (:func:`studio_runner.isolation.wrapper`); it needs the reaper,
+    and a failure inside the sandbox (a missing path) shows in the output and as a non-zero exit.
     """
+    if wrapper and not reaper:
+        raise OSError("isolation needs the reaper (Linux)")
     if not reaper:
         return await _start_plain(argv, cwd, env)
-    spec = _encode_spec(argv, cwd, env)
+    spec = _encode_spec([*wrapper, *argv], cwd, env)
     control_r, control_w = os.pipe()  # close-on-exec: no other child of the runner holds our ends
     status_r, status_w = os.pipe()
     try:
         os.set_blocking(control_w, False)
         os.set_blocking(status_r, False)
         proc = await trio.lowlevel.open_process(
-            reaper_command(control_r, status_w),
+            reaper_command(control_r, status_w, wrapped=bool(wrapper)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=None,  # the reaper is silent unless it crashes: then the runner's log shows why
@@ -299,7 +309,7 @@ async def start(
         os.close(control_r)
         os.close(status_w)
     experiment = ExperimentProcess(proc, control_w, status_r)
-    experiment._program, experiment._cwd = str(argv[0]), str(cwd)
+    experiment._program, experiment._cwd = str((wrapper or argv)[0]), str(cwd)
     try:
         await experiment._handshake(spec)
     except BaseException:

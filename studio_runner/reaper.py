@@ -6,8 +6,8 @@ kernel's ``PR_SET_PDEATHSIG`` cannot be tied to the runner's lifetime from there
 death signal it sets on the experiment follows this process exactly; and it watches a pipe whose only
 writer is the runner, so the runner's death by any means (even ``kill -9``) is seen as EOF.
 
-It is run by ``studio_runner.process`` as ``python -I -S reaper.py CONTROL_FD STATUS_FD`` with the
-experiment's output pipe as its stdout, and:
+It is run by ``studio_runner.process`` as ``python -I -S reaper.py CONTROL_FD STATUS_FD [--wrapped]`` with
+the experiment's output pipe as its stdout, and:
 
 * marks itself a child subreaper, so every descendant orphaned by its parent (double-fork daemons,
   ``setsid`` escapes) is re-parented here and stays findable;
@@ -19,6 +19,12 @@ experiment's output pipe as its stdout, and:
   EOF means the runner is gone: SIGKILL every descendant, wait for them, exit;
 * when the experiment's main process exits, SIGKILLs whatever descendants are left, waits until it has no
   children at all, then reports ``exit RETURNCODE`` (subprocess style: -N for signal N) and exits 0.
+
+``--wrapped``: the command is a sandbox wrapper (bubblewrap, ``studio_runner.isolation``) around the
+experiment, with a PID 1 of its own between them. The wrapper passes no signal on (a SIGTERM would end the
+sandbox at once), so ``T`` spares the wrapper and its PID 1 and signals the rest of the tree, group by group;
+``K`` kills everything as usual. The wrapper reports a death by signal N as exit status 128+N, reported here
+as -N again.
 
 It never writes to its stdout and prints nothing unless it crashes (to the runner's stderr).
 """
@@ -106,7 +112,7 @@ def _returncode(status: int) -> int:
 
 
 def _descendants(root: int) -> list:
-    """(pid, process group) of every process below ``root``, from /proc (ppid links). Orphans are
+    """(pid, process group, parent) of every process below ``root``, from /proc (ppid links). Orphans are
     re-parented to us (subreaper), so this finds everything the experiment started, whatever session or
     group it moved to."""
     children = {}  # type: dict
@@ -128,7 +134,7 @@ def _descendants(root: int) -> list:
             ppid, pgrp = int(fields[1]), int(fields[2])
         except (ValueError, IndexError):
             continue
-        children.setdefault(ppid, []).append((int(entry), pgrp))
+        children.setdefault(ppid, []).append((int(entry), pgrp, ppid))
     found = []
     todo = [root]
     while todo:
@@ -139,9 +145,10 @@ def _descendants(root: int) -> list:
 
 
 class Reaper:
-    def __init__(self, control: int, status: int) -> None:
+    def __init__(self, control: int, status: int, wrapped: bool = False) -> None:
         self.control = control
         self.status = status
+        self.wrapped = wrapped
         self.me = os.getpid()
         self.main = 0
         self.main_status = None  # type: int | None
@@ -151,7 +158,11 @@ class Reaper:
         """``sig`` once to each process of the tree: to the experiment's process group at once (which also
         catches a member forked during the scan), then to every descendant that left the group. Once only,
         because a second SIGTERM would re-enter the experiment's handler."""
-        escaped = [pid for pid, pgrp in _descendants(self.me) if pgrp != self.main]
+        tree = _descendants(self.me)
+        if self.wrapped and sig != signal.SIGKILL:
+            self.signal_wrapped(tree, sig)
+            return
+        escaped = [pid for pid, pgrp, _ in tree if pgrp != self.main]
         if self.main:
             try:
                 os.killpg(self.main, sig)
@@ -162,6 +173,31 @@ class Reaper:
                 os.kill(pid, sig)
             except OSError:
                 pass
+
+    def signal_wrapped(self, tree: list, sig: int) -> None:
+        """``sig`` to the tree below the sandbox wrapper and its PID 1: each process group once (the
+        experiment leads its own), then each process outside those groups."""
+        spared = {self.main} | {pid for pid, _, ppid in tree if ppid == self.main}
+        targets = [(pid, pgrp) for pid, pgrp, _ in tree if pid not in spared]
+        groups = {pgrp for pid, pgrp in targets if pgrp not in spared}
+        for pgrp in groups:
+            try:
+                os.killpg(pgrp, sig)
+            except OSError:
+                pass
+        for pid, pgrp in targets:
+            if pgrp not in groups:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+
+    def returncode(self, status: int) -> int:
+        """The main process's status, subprocess style; a wrapper's 128+N is a death by signal N."""
+        code = _returncode(status)
+        if self.wrapped and 128 < code <= 128 + 64:
+            return 128 - code
+        return code
 
     def reap(self) -> bool:
         """Collect every exited child; False once we have no children at all."""
@@ -273,7 +309,7 @@ class Reaper:
             self.reap()
             if self.main_status is not None:
                 self.kill_all(wakeup_r)
-                _write(self.status, f"exit {_returncode(self.main_status)}\n")
+                _write(self.status, f"exit {self.returncode(self.main_status)}\n")
                 return 0
             if self.control in self.wait_readable(wakeup_r, None):
                 try:
@@ -290,10 +326,11 @@ class Reaper:
 
 
 def main(args: list) -> int:
-    if len(args) != 2:
-        sys.stderr.write("usage: reaper.py CONTROL_FD STATUS_FD\n")
+    wrapped = args[2:] == ["--wrapped"]
+    if len(args) != 2 and not wrapped:
+        sys.stderr.write("usage: reaper.py CONTROL_FD STATUS_FD [--wrapped]\n")
         return 2
-    return Reaper(int(args[0]), int(args[1])).run()
+    return Reaper(int(args[0]), int(args[1]), wrapped).run()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from studio_runner.supervisor import Supervisor
 log = logging.getLogger("studio_runner.reload")
 
 LIVE_OPTIONS = ("queue-match", "queue-mismatch", "max-running", "drain-timeout", "log-level", "log-format",
-                "log-libraries")
+                "log-libraries", "clear-text-messages", "max-message-size")
 """Options a reload applies at once; every other changed option is reported as needing a restart."""
 
 _LOGGING = ("log-level", "log-format", "log-libraries")
@@ -50,6 +50,7 @@ class Reloader:
         intake = self.supervisor.s
         intake.queue_match, intake.queue_mismatch = new.queue_match, new.queue_mismatch
         intake.max_running, intake.drain_timeout = new.max_running, new.drain_timeout
+        intake.gate.clear_text, intake.gate.max_size = new.clear_text_messages, new.max_message_size
         if any(name in _LOGGING for name in live):
             configure_logging(new.log_level, runner_secrets(os.environ), log_format=new.log_format,
                               libraries=new.log_libraries)

@@ -16,8 +16,10 @@ Decisions others rely on:
 * ``unpack: null`` (from ``--reuse``) is True when the key or locator looks like a tar archive.
 * Artifact labels become directory names, so ``""``, ``.``, ``..`` and labels with ``/``, ``\\`` or NUL are
   refused. Strings that reach a command line, a path or the environment may not hold NUL or lone surrogates.
-* An envelope (``{"message": {"payload": ...}}``) is refused with ``field="message"``; decryption happens
-  before this parser.
+* ``pythonenv``/``config.pip`` lines that make the installer read a file (``-r``, ``-c``, ``-f`` ...) are
+  refused: it runs on the runner's side.
+* An envelope (``{"message": {"payload": ...}}``) is refused with ``field="message"``; the intake gate
+  (gate.py) verifies and decrypts it first and hands the plaintext to this parser.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 from studio_runner.errors import RequestInvalid
-from studio_runner.redact import Redactor, describe, is_secret_name, looks_secret
+from studio_runner.redact import Redactor, describe, is_placeholder, is_secret_name, looks_secret
 from studio_runner.storage.base import Credentials
 from studio_runner.units import parse_duration, parse_size
 
@@ -139,10 +141,12 @@ class Request:
     def secrets(self) -> list[str]:
         """Every secret value this request carries (credentials, env values), for masking output.
 
-        Credentials come whatever their length; a ``config.env`` value comes when its name contains KEY,
-        SECRET, TOKEN, PASSWORD, PASSWD or CREDENTIAL (any case) and it is at least 6 characters long.
+        Credentials come whatever their length; a ``config.env`` value comes whatever its length when its
+        name is a secret name (:func:`~studio_runner.redact.is_secret_name`: ``DB_PWD``, ``API_PASS``,
+        ``X_TOKEN``...), unless it is a placeholder (``true``, ``none``, ``8``: see
+        :func:`~studio_runner.redact.is_placeholder`). A :class:`Redactor` masks short ones as whole words.
         """
-        env = [v for k, v in self.config.env.items() if is_secret_name(k) and len(v) >= _MIN_ENV_SECRET]
+        env = [v for k, v in self.config.env.items() if is_secret_name(k) and not is_placeholder(v)]
         return _unique(self.credential_values() + env)
 
     def redactor(self) -> Redactor:
@@ -163,7 +167,6 @@ class Request:
         return replace(self, experiment=replace(self.experiment, artifacts=borrowed))
 
 
-_MIN_ENV_SECRET = 6
 _MAX_COUNT = 2**31 - 1
 _TAR_SUFFIXES = (".tar", ".tgz", ".tbz", ".tbz2", ".tar.bz2")
 _DESCRIPTIVE = frozenset({"region", "profile", "type"})
@@ -180,9 +183,19 @@ def is_envelope(doc: Mapping[str, Any]) -> bool:
     return isinstance(message, Mapping) and "payload" in message
 
 
+def decode_body(body: bytes | str) -> Any:
+    """A message body as JSON (UTF-8, no NaN/Infinity, bounded nesting); RequestInvalid when it is not.
+    The intake gate decodes once, then tells an envelope from a clear request."""
+    return _decode(body)
+
+
 def parse_request(body: bytes | str) -> Request:
     """Parse a clear-text StudioML request. Raises RequestInvalid naming the field."""
-    doc = _decode(body)
+    return parse_document(_decode(body))
+
+
+def parse_document(doc: Any) -> Request:
+    """Parse a decoded clear-text request (see :func:`decode_body`); RequestInvalid names the field."""
     if not isinstance(doc, dict):
         raise RequestInvalid(f"a request must be a JSON object, got {_json_type(doc)}")
     if is_envelope(doc):
@@ -200,7 +213,24 @@ def parse_request(body: bytes | str) -> Request:
     config = _config(config_doc, warnings)
     experiment = _with_storage_credentials(experiment, config.storage)
     experiment = _with_env_region(experiment, config.env)
-    return Request(experiment=experiment, config=config, raw=doc, warnings=warnings)
+    request = Request(experiment=experiment, config=config, raw=doc, warnings=warnings)
+    _bounded_secrets(request)
+    return request
+
+
+_MAX_SECRETS = 1000
+_MAX_SECRET_CHARS = 64 << 10
+
+
+def _bounded_secrets(request: Request) -> None:
+    """Every secret goes into the experiment's output masker, a regex built on the event loop: megabytes of
+    them (one huge credential, or 100,000 secret-named env values) would cost seconds and hundreds of MB
+    before the attempt starts. No real request comes near these limits."""
+    secrets = request.secrets()
+    total = sum(map(len, secrets))
+    if len(secrets) > _MAX_SECRETS or total > _MAX_SECRET_CHARS:
+        raise RequestInvalid(f"the request carries {len(secrets)} secret values, {total} characters in all "
+                             f"(at most {_MAX_SECRETS} and {_MAX_SECRET_CHARS}): too many to mask")
 
 
 # --- decoding and error reporting ---------------------------------------------------------------------
@@ -228,7 +258,7 @@ def _decode(body: bytes | str) -> Any:
     else:
         raise RequestInvalid(f"a request body must be bytes or str, not {type(body).__name__}")
     try:
-        return json.loads(
+        doc = json.loads(
             text.removeprefix("\ufeff"), parse_constant=_reject_constant, parse_float=_finite_float
         )
     except json.JSONDecodeError as exc:
@@ -236,9 +266,36 @@ def _decode(body: bytes | str) -> Any:
             f"the request is not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
     except RecursionError:
-        raise RequestInvalid("the request is nested too deeply to be a StudioML request") from None
+        raise RequestInvalid(_TOO_DEEP) from None
     except ValueError as exc:  # NaN/Infinity, 1e999, integers past Python's digit limit
         raise RequestInvalid(f"the request holds an unusable number: {str(exc)[:80]}") from None
+    if _nesting_exceeds(doc, MAX_NESTING):
+        raise RequestInvalid(_TOO_DEEP)
+    return doc
+
+
+MAX_NESTING = 64
+"""Deepest nesting of objects and arrays a request may have (real ones reach 6). Checked after decoding, so
+the verdict on a deep document never depends on how deep the caller's stack happens to be (json's own limit
+is the interpreter's recursion limit, minus the frames already in use)."""
+_TOO_DEEP = f"the request is nested too deeply to be a StudioML request (more than {MAX_NESTING} levels)"
+
+
+def _nesting_exceeds(doc: Any, limit: int) -> bool:
+    """Whether ``doc`` nests objects/arrays more than ``limit`` deep; iterative, so it cannot overflow."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def _json_type(value: Any) -> str:
@@ -319,6 +376,23 @@ def _text_list(value: Any, path: Path) -> list[str]:
     if not isinstance(value, list):
         _fail(path, "must be a list of strings", value)
     return [_text(item, (*path, i)) for i, item in enumerate(value)]
+
+
+_FILE_OPTION_RE = re.compile(
+    r"\s*(?:-[rcf]|--(?:requirements?|constraints?|overrides?|find-links|build-constraints?))(?:[\s=]|\S*$)"
+)
+
+
+def _requirements(value: Any, path: Path) -> list[str]:
+    """Package lines (``pythonenv``, ``config.pip``). The installer runs on the runner's side, outside any
+    isolation: a line that makes it read a file (``-r /home/u/.ssh/id_rsa``: its parse errors quote the
+    content into the experiment's output) is refused."""
+    lines = _text_list(value, path)
+    for i, line in enumerate(lines):
+        if _FILE_OPTION_RE.match(line):
+            _fail((*path, i), "must name a package, not an installer option that reads files "
+                              "(-r, -c, -f, --requirement, --constraint, --find-links)", line)
+    return lines
 
 
 def _count(value: Any, path: Path) -> int:
@@ -403,7 +477,7 @@ def _experiment(doc: dict[str, Any], path: Path) -> Experiment:
         filename=_text(doc["filename"], (*path, "filename")),
         args=_text_list(doc.get("args"), (*path, "args")),
         pythonver=_pythonver(doc.get("pythonver"), (*path, "pythonver")),
-        pythonenv=_text_list(doc.get("pythonenv"), (*path, "pythonenv")),
+        pythonenv=_requirements(doc.get("pythonenv"), (*path, "pythonenv")),
         project=_optional_text(project, (*path, "project")),
         resources=_resources(doc.get("resources_needed"), (*path, "resources_needed")),
         artifacts=_artifacts(doc, path),
@@ -571,7 +645,7 @@ def _config(doc: dict[str, Any], warnings: list[str]) -> Config:
     verbose = doc.get("verbose")
     return Config(
         env=env,
-        pip=_text_list(doc.get("pip"), (*path, "pip")),
+        pip=_requirements(doc.get("pip"), (*path, "pip")),
         save_workspace_frequency=_soft_duration(doc, "saveWorkspaceFrequency", warnings),
         experiment_lifetime=_soft_duration(doc, "experimentLifetime", warnings),
         verbose=verbose if isinstance(verbose, str) else _number_text(verbose),

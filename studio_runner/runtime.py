@@ -17,17 +17,20 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import trio
 
-from studio_runner import pythons
+from studio_runner import isolation, pythons
 from studio_runner.attempt import Outcome
 from studio_runner.config import Settings
 from studio_runner.envs import EnvCache
 from studio_runner.errors import ConfigError
 from studio_runner.events import Registry, current_attempt
 from studio_runner.executor import Executor, ExecutorSettings
+from studio_runner.gate import RequestGate
 from studio_runner.gpus import GpuPool, open_gpu_backend, visible_from_environ
+from studio_runner.keyring import Keyring
 from studio_runner.logs import configure_logging
 from studio_runner.policies import Backoff, Checkpoints, Deadline, Retries
 from studio_runner.queues.base import QueueBackend
@@ -73,7 +76,11 @@ def build_stores(settings: Settings, registry: Registry | None = None,
         if registry is not None and record is not None:
             registry.transferred(record, direction, nbytes, url)
 
-    return Stores(s3_options=s3_options, health=health, on_transfer=count)
+    # a request's file:// and plain-path locators may name only these (and the artifact cache)
+    local_roots: list[str | Path] = [*settings.local_storage_roots]
+    if settings.cache_dir:
+        local_roots.append(settings.cache_dir)
+    return Stores(s3_options=s3_options, local_roots=local_roots, health=health, on_transfer=count)
 
 
 def build_ledger(settings: Settings) -> Ledger:
@@ -137,6 +144,7 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
     """
     for warning in settings.warnings:
         log.warning("%s", warning)
+    await trio.to_thread.run_sync(isolation.check, settings.isolate)  # never run unisolated when asked
     registry = Registry(settings.hostname)
     health = StorageHealth()
     stores = build_stores(settings, registry, health)
@@ -167,6 +175,7 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
         grace_period=settings.grace_period, keep_dirs=settings.debug, schema_logs=settings.schema_logs,
         allow_env_secrets=settings.allow_env_secrets, pass_env=tuple(settings.pass_env),
         runner_secrets=tuple(runner_secrets(os.environ)), upload_window=settings.upload_retry_window,
+        isolate=settings.isolate,
     ), registry)
     backends = build_backends(settings, runner_id)
     intake = IntakeSettings(
@@ -175,6 +184,9 @@ async def open_runner(settings: Settings) -> AsyncIterator[Supervisor]:
         abort_check_interval=settings.abort_check_interval, drain_timeout=settings.drain_timeout,
         retries=Retries(settings.max_attempts, Backoff(settings.retry_delay, settings.retry_delay_max)),
         ledger=ledger, max_running=settings.max_running,
+        gate=RequestGate(clear_text=settings.clear_text_messages, max_size=settings.max_message_size,
+                         keyring=Keyring(settings.encrypt_dir, settings.request_signatures_dir,
+                                         settings.response_signatures_dir)),
     )
     try:
         for backend in backends:  # connect early so configuration mistakes show at start-up

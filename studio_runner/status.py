@@ -28,6 +28,7 @@ from studio_runner import __version__
 from studio_runner.attempt import Status
 from studio_runner.events import AttemptRecord, AttemptStarted, Event, Finished, OutputLine, Registry, Settled
 from studio_runner.metrics import RunnerMetrics
+from studio_runner.redact import scrub_tree
 
 SCHEMA_VERSION = 1
 TAIL_LINES = 50
@@ -149,10 +150,11 @@ class StatusApp:
         return {"state": self.supervisor.intake_state, "reason": self.supervisor.intake_reason}
 
     def document(self, now: float | None = None) -> dict[str, Any]:
-        """The /status document (see status_schema.json)."""
+        """The /status document (see status_schema.json); every string scrubbed (redact.scrub): it quotes
+        requests (keys, reasons, output tails), and must never show a secret."""
         now = time.time() if now is None else now
         sup = self.supervisor
-        return {
+        document: dict[str, Any] = scrub_tree({
             "schema": SCHEMA_VERSION,
             "version": __version__,
             "host": self.host,
@@ -168,7 +170,8 @@ class StatusApp:
             "gpus": self._gpus(),
             "caches": self._caches(),
             "totals": self.totals.to_dict(),
-        }
+        })
+        return document
 
     # -- parts --------------------------------------------------------------------------------------------
     def _running(self, record: AttemptRecord, now: float) -> dict[str, Any]:

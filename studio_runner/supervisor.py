@@ -31,14 +31,16 @@ from typing import Protocol
 
 import trio
 
+from studio_runner.admission import Admission
 from studio_runner.attempt import Abort, Action, Outcome, Phase, Status, StopCause
-from studio_runner.errors import RequestInvalid
+from studio_runner.errors import RequestInvalid, RequestRefused
 from studio_runner.events import AttemptRecord, IntakeChanged, QueueChecked, QueuesListed, Registry
+from studio_runner.gate import RequestGate
 from studio_runner.policies import Retries
 from studio_runner.queues.base import Delivery, QueueBackend
-from studio_runner.redact import mask_patterns
-from studio_runner.request import Request, parse_request
-from studio_runner.resources import Demand, DoesNotFit, Ledger, NeverFits, Reservation
+from studio_runner.redact import mask_patterns, scrub
+from studio_runner.request import Request
+from studio_runner.resources import Demand, Ledger, Reservation
 from studio_runner.storage import StorageHealth
 from studio_runner.units import format_elapsed
 
@@ -87,6 +89,9 @@ class IntakeSettings:
     """How often GPU figures are re-read (ECC fencing, cards drained after an experiment)."""
     keep_results: int = 1000
     """Outcomes kept for ``run()``'s return value (the CLI's --once, the demo, tests); older ones drop."""
+    gate: RequestGate = field(default_factory=RequestGate)
+    """Bytes -> request: size limit, clear-text policy, envelope verification and decryption. The default
+    accepts clear text only (an envelope is refused: no keys)."""
 
 
 RUNNING = "Running"
@@ -143,11 +148,9 @@ class Supervisor:
         self._held: dict[str, _Held] = {}
         self._running = 0
         self._queues: list[tuple[QueueBackend, str]] = []
-        self._paused_until: dict[tuple[str, str], float] = {}
-        self._last_demand: dict[tuple[str, str], tuple[Demand, float]] = {}
+        self.admission = Admission(settings.ledger, refused_pause=settings.refused_pause,
+                                   never_fit_pause=settings.never_fit_pause)
         self._cards_released = trio.Event()
-        self._twins: dict[tuple[str, str], str] = {}
-        """Queues skipped until an attempt (id) of the experiment they just delivered again has ended."""
         self._next = 0
         self._stopping = trio.Event()
         self._wake = trio.Event()
@@ -191,18 +194,12 @@ class Supervisor:
         now = trio.current_time()
         rows: list[dict[str, object]] = []
         for backend, name in self._queues:
-            key = (backend.kind, name)
-            paused = self._paused_until.get(key, 0.0) - now
-            note = ""
-            if paused > 0:
-                note = "a request here can never run on this runner"
-            elif key in self._twins and self._twins[key] in self._held:
-                note = "waiting for a running copy of its last experiment"
-            elif not self._fits_last_demand(backend.kind, name, now):
-                note = "its last request does not fit now"
-            rows.append({"backend": backend.kind, "name": name,
-                         "paused_for_s": round(paused, 1) if paused > 0 else None, "note": note})
+            paused, note = self.admission.describe((backend.kind, name), now, self._is_held)
+            rows.append({"backend": backend.kind, "name": name, "paused_for_s": paused, "note": note})
         return rows
+
+    def _is_held(self, attempt_id: str) -> bool:
+        return attempt_id in self._held
 
     def shutdown(self, hard: bool = False) -> None:
         """Stop taking work; with ``hard`` (or after --drain-timeout) stop running experiments and hand
@@ -333,7 +330,7 @@ class Supervisor:
         now = trio.current_time()
         by_backend: dict[int, tuple[QueueBackend, list[str]]] = {}
         for backend, name in self._queues:
-            if not self._queue_open(backend.kind, name, now):
+            if not self.admission.queue_open((backend.kind, name), now, self._is_held):
                 continue
             by_backend.setdefault(id(backend), (backend, []))[1].append(name)
         return list(by_backend.values())
@@ -341,36 +338,13 @@ class Supervisor:
     def _idle_wait(self) -> float:
         """Until the safety re-poll, or until the first paused queue may be served again."""
         now = trio.current_time()
-        pauses = [until - now for until in self._paused_until.values() if until > now]
-        return min([self.s.idle_repoll, *pauses])
+        return min([self.s.idle_repoll, *self.admission.pauses(now)])
 
     def _has_room(self) -> bool:
         """A slot is free and the ledger has a core free (every experiment reserves at least one)."""
         if self.s.max_running and self._running >= self.s.max_running:
             return False
         return self.s.ledger is None or self.s.ledger.has_room
-
-    def _queue_open(self, kind: str, queue: str, now: float) -> bool:
-        """Whether intake receives from this queue now: not paused, its last request would fit, and no
-        attempt here is still running the experiment whose redelivered copy came from it."""
-        if self._paused_until.get((kind, queue), 0.0) > now:
-            return False
-        twin = self._twins.get((kind, queue))
-        if twin is not None:
-            if twin in self._held:
-                return False
-            del self._twins[(kind, queue)]
-        return self._fits_last_demand(kind, queue, now)
-
-    def _fits_last_demand(self, kind: str, queue: str, now: float) -> bool:
-        """The spec's per-queue memory: skip a queue whose last request would not fit now (for a while)."""
-        last = self._last_demand.get((kind, queue))
-        if last is None or self.s.ledger is None:
-            return True
-        demand, seen = last
-        if now - seen > self.s.refused_pause:
-            return True
-        return self.s.ledger.refusal(demand) is None
 
     def _notify(self) -> None:
         self._wake.set()
@@ -383,7 +357,7 @@ class Supervisor:
         publish = self.registry.bus.publish
         for offset in range(len(queues)):
             backend, name = queues[(self._next + offset) % len(queues)]
-            if not self._queue_open(backend.kind, name, now):
+            if not self.admission.queue_open((backend.kind, name), now, self._is_held):
                 publish(QueueChecked(backend.kind, backend_location(backend), name, ignored=True))
                 continue
             publish(QueueChecked(backend.kind, backend_location(backend), name))
@@ -434,7 +408,7 @@ class Supervisor:
         if twin is None:
             return None
         queue = held.delivery.queue
-        self._twins[(held.backend.kind, queue)] = twin.record.attempt_id
+        self.admission.hold_for_twin((held.backend.kind, queue), twin.record.attempt_id)
         log.warning("experiment %s from %s is already running on this runner (attempt id %s): released, and "
                     "%s skipped until that attempt ends", key, queue, twin.record.attempt_id, queue)
         return self._outcome_for(held, Status.DEFERRED, Action.RELEASE,
@@ -442,30 +416,16 @@ class Supervisor:
 
     def _admit(self, held: _Held, request: Request) -> Outcome | None:
         """Reserve the request's resources, or decide to release it (None: admitted)."""
-        ledger = self.s.ledger
-        if ledger is None:
-            return None
-        exp, queue, kind = request.experiment, held.delivery.queue, held.backend.kind
+        exp = request.experiment
         demand = Demand.of(exp.resources)
-        now = trio.current_time()
-        try:
-            held.reservation = ledger.reserve(held.record.attempt_id, demand)
-        except NeverFits as exc:
-            self._paused_until[(kind, queue)] = now + self.s.never_fit_pause
-            log.warning("experiment %s from %s can never run on this runner (%s): released; queue %s is "
-                        "skipped by this runner for %.0fs", exp.key, queue, exc, queue,
-                        self.s.never_fit_pause)
-            return self._outcome_for(held, Status.DEFERRED, Action.RELEASE, f"can never fit: {exc}",
-                                     key=exp.key)
-        except DoesNotFit as exc:
-            self._last_demand[(kind, queue)] = (demand, now)
-            log.info("experiment %s from %s does not fit now (%s): released; queue skipped until it would",
-                     exp.key, queue, exc)
-            return self._outcome_for(held, Status.DEFERRED, Action.RELEASE, f"does not fit: {exc}",
-                                     key=exp.key)
-        self._last_demand[(kind, queue)] = (demand, now)
-        self.registry.reserved(held.record, demand.cores, demand.ram, held.reservation.gpu_env.get(
-            "CUDA_VISIBLE_DEVICES", ""))
+        verdict = self.admission.reserve((held.backend.kind, held.delivery.queue), held.record.attempt_id,
+                                         exp.key, demand, trio.current_time())
+        if isinstance(verdict, str):
+            return self._outcome_for(held, Status.DEFERRED, Action.RELEASE, verdict, key=exp.key)
+        held.reservation = verdict
+        if verdict is not None:
+            self.registry.reserved(held.record, demand.cores, demand.ram,
+                                   verdict.gpu_env.get("CUDA_VISIBLE_DEVICES", ""))
         return None
 
     def _free_slot(self, held: _Held) -> None:
@@ -545,14 +505,19 @@ class Supervisor:
                                        reservation=held.reservation)
 
     async def _parse(self, held: _Held) -> Request | Outcome:
-        body = held.delivery.body
+        """The gate's verdict on the message; big bodies and envelopes (RSA, a first key load) are opened in a
+        worker thread. A refusal or an invalid request is set aside once, with its reason (never a secret)."""
+        body, queue, gate = held.delivery.body, held.delivery.queue, self.s.gate
         try:
-            if len(body) > _BIG_BODY:
-                return await trio.to_thread.run_sync(parse_request, body)
-            return parse_request(body)
+            if len(body) > _BIG_BODY or gate.costly(body):
+                return await trio.to_thread.run_sync(gate.open, body, queue)
+            return gate.open(body, queue)
+        except RequestRefused as exc:
+            log.error("message %s on %s refused, setting it aside: %s", held.delivery.message_id, queue, exc)
+            return self._outcome_for(held, Status.INVALID, Action.SET_ASIDE, f"refused: {exc}")
         except RequestInvalid as exc:
             log.error("message %s on %s is not a valid request, setting it aside: %s",
-                      held.delivery.message_id, held.delivery.queue, exc)
+                      held.delivery.message_id, queue, exc)
             return self._outcome_for(held, Status.INVALID, Action.SET_ASIDE, str(exc))
 
     def _outcome_for(self, held: _Held, status: Status, action: Action, reason: str,
@@ -605,7 +570,7 @@ class Supervisor:
                 elif action is Action.RELEASE:
                     await delivery.release()
                 else:
-                    await delivery.set_aside(f"{outcome.status}: {outcome.reason}")
+                    await delivery.set_aside(scrub(f"{outcome.status}: {outcome.reason}"))
             except Exception as exc:  # the broker will redeliver: at least once, never lost
                 log.error("could not %s message of %s: %s", action, outcome.key, exc)
         self.registry.settle(held.record, action)

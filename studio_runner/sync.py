@@ -18,7 +18,12 @@ Rules (spec README, "Stored work is never reduced"; lifecycle.md §7 and §8):
   for a long window (``--upload-retry-window``) before the message is handed back, and the experiment is
   not run again meanwhile. A full disk is met by freeing what the upload does not need (the experiment's
   temporary directory and its immutable inputs) and trying once more, one artifact at a time (so packed
-  copies of several artifacts never sit on the disk together).
+  copies of several artifacts never sit on the disk together). A failure no retry can mend (a locator
+  refused as outside the storage roots) ends the final upload at once.
+* Confinement: :meth:`ArtifactSync.check_locators` refuses, before anything is downloaded, a request whose
+  locators (the ``_metadata`` folder included) name places this runner must not touch; the refused ones are
+  never uploaded to, while the others (``output``, so the experimenter can read why) still are. Files of the
+  ``_metadata`` folder that are symbolic links are not uploaded: an experiment could point one anywhere.
 """
 
 from __future__ import annotations
@@ -27,16 +32,18 @@ import logging
 import re
 import shutil
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import trio
 
 from studio_runner import artifacts, metadata
-from studio_runner.errors import DiskFull, RunnerError, StorageError, is_disk_full
+from studio_runner.errors import DiskFull, Disposition, RunnerError, StorageError, is_disk_full
 from studio_runner.outputlog import OutputLog
 from studio_runner.policies import Backoff
 from studio_runner.request import Artifact, Request
 from studio_runner.storage import Stores
+from studio_runner.storage.base import LocatorRefused
 from studio_runner.units import format_duration
 
 log = logging.getLogger(__name__)
@@ -73,7 +80,24 @@ class ArtifactSync:
         self.fingerprints: dict[str, str | None] = {}
         self.metadata_url: str | None = None
         self.upload_concurrency = UPLOAD_CONCURRENCY
+        self.refused: dict[str, LocatorRefused] = {}
+        """Labels whose locator this runner must not touch (:meth:`check_locators`): never uploaded to."""
         self._lock = trio.Lock()
+
+    async def check_locators(self) -> None:
+        """Raise LocatorRefused (the first by label) when one of the request's locators, or the folder its
+        ``_metadata`` documents go to, names a place this runner must not touch; remember every refused
+        label, so that the final upload leaves them out. Call it before anything is downloaded."""
+        chosen = dict(self.request.experiment.artifacts)
+        meta = chosen.get(METADATA_LABEL)
+        if meta is not None and meta.mutable and meta.locator:
+            documents = metadata_object_url(meta, "x.json")
+            chosen[f"{METADATA_LABEL} documents"] = replace(meta, qualified=documents, url=None, key=None)
+        found = await trio.to_thread.run_sync(artifacts.check_locators, chosen, self.stores)
+        for label, exc in found.items():
+            self.refused[label.split(" ", 1)[0]] = exc
+        if found:
+            raise found[min(found)]
 
     def mark_restored(self, label: str) -> None:
         """``label`` was restored whole (or did not exist): it may be uploaded once the experiment ran."""
@@ -88,7 +112,7 @@ class ArtifactSync:
         """The mutable artifacts this attempt may write back now, by the rules in the module docstring."""
         chosen = []
         for label, artifact in sorted(self.request.experiment.artifacts.items()):
-            if not artifact.mutable or label == METADATA_LABEL or not artifact.locator:
+            if not artifact.mutable or label in (METADATA_LABEL, *self.refused) or not artifact.locator:
                 continue
             if label == OUTPUT_LABEL:
                 if include_output:
@@ -154,6 +178,8 @@ class ArtifactSync:
                 return
             except (RunnerError, OSError, trio.TooSlowError) as exc:
                 error = _as_runner_error(exc)
+            if error.disposition is not Disposition.RETRY and not isinstance(error, DiskFull):
+                raise error  # the request's own fault (a refused locator): no try can mend it
             if isinstance(error, DiskFull):
                 if freed:
                     raise error
@@ -193,10 +219,11 @@ class ArtifactSync:
         folder.mkdir(exist_ok=True)
         text = None if self.scraper.empty else self.scraper.to_json()
         await trio.to_thread.run_sync(metadata.write_document_text, text, folder / self.scrape_name)
-        if artifact is None or not artifact.mutable or not artifact.locator:
+        if artifact is None or not artifact.mutable or not artifact.locator or METADATA_LABEL in self.refused:
             return
         for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.name.startswith("."):  # dot-files are writes in progress
+            # dot-files are writes in progress; a link (made by the experiment) could lead anywhere
+            if path.is_file() and not path.is_symlink() and not path.name.startswith("."):
                 url = metadata_object_url(artifact, path.relative_to(folder).as_posix())
                 await self.stores.for_url(url).put(path, url, artifact.access_credentials)
                 if path.name == self.scrape_name:

@@ -266,10 +266,13 @@ for n in itertools.count():
     fine = write_script(tmp_path / "fine", "print('the next experiment runs')\n")
     enqueue(sandbox, filler, "exp_fill", hdd="1mb")
     enqueue(sandbox, fine, "exp_fine", hdd="1mb")
+    # one at a time: run beside the filler, the other experiment could meet the full disk too (and, when the
+    # machine is slow, on both of its attempts); this test is about the filler's attempts
     result = sandbox.run_once(timeout=300, STUDIO_RUNNER_WORKING_DIR=str(small_disk),
-                              STUDIO_RUNNER_DISK_RESERVE="1mb",
+                              STUDIO_RUNNER_DISK_RESERVE="1mb", STUDIO_RUNNER_MAX_RUNNING="1",
                               STUDIO_RUNNER_RETRY_DELAY="0.2s", STUDIO_RUNNER_MAX_ATTEMPTS="2")
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert sandbox.artifact("exp_fine", "output").exists(), result.stderr[-4000:]
     assert "the next experiment runs" in sandbox.output_text("exp_fine")
     statuses = [o["status"] for o in outcome_of(sandbox, "exp_fill")]
     assert statuses == ["fault", "fault"], (statuses, result.stderr[-4000:])

@@ -166,7 +166,8 @@ def test_a_real_runner_moves_the_counters(tmp_path: Path) -> None:
                           ram="64m"), queue_root, store)
     settings = config.resolve({"queue_root": str(queue_root), "working_dir": str(work),
                                "env_cache_dir": str(cache_root() / "envs"), "cache_dir": str(tmp_path / "ac"),
-                               "cache_size": "1GiB", "gpu_fake": str(fake), "poll_interval": "0.05s"},
+                               "cache_size": "1GiB", "gpu_fake": str(fake), "poll_interval": "0.05s",
+                               "local_storage_roots": str(tmp_path)},
                               environ={})
     (tmp_path / "ac").mkdir()
 

@@ -498,3 +498,62 @@ def test_start_overhead(tmp_path: Path) -> None:
     print(f"\nstart+wait of `python -c pass`, median of 10: bare {median['bare'] * 1000:.1f} ms, "
           f"under the reaper {median['reaper'] * 1000:.1f} ms, "
           f"overhead {(median['reaper'] - median['bare']) * 1000:.1f} ms")
+
+
+FAKE_WRAPPER = """
+import os, signal, sys
+# Like bwrap --unshare-pid --new-session: an outer process that dies of SIGTERM, a PID 1 that ignores it,
+# and the command in its own session; the outer one exits with the command's status, 128+N for signal N.
+def status(pid):
+    _, raw = os.waitpid(pid, 0)
+    return 128 + os.WTERMSIG(raw) if os.WIFSIGNALED(raw) else os.WEXITSTATUS(raw)
+init = os.fork()
+if init == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    command = os.fork()
+    if command == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.setsid()
+        os.execvp(sys.argv[1], sys.argv[1:])
+    os._exit(status(command))
+sys.exit(status(init))
+"""
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("raise SystemExit(7)", 7), ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -9),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", -15)])
+def test_wrapped_status_is_translated_back(tmp_path: Path, body: str, expected: int) -> None:
+    wrapper = script(tmp_path, FAKE_WRAPPER, "wrapper.py")
+
+    async def main() -> int:
+        proc = await process.start([sys.executable, "-c", body], tmp_path, ENV, wrapper=wrapper)
+        await read_all(proc.stdout)
+        return await proc.wait()
+
+    assert trio.run(main) == expected
+
+
+def test_wrapped_stop_spares_the_wrapper_so_the_grace_period_holds(tmp_path: Path) -> None:
+    """A wrapper (bwrap) passes no signal on and dies of SIGTERM: the reaper must signal the experiment
+    only, or the sandbox ends at once and the experiment never gets its grace period."""
+    wrapper = script(tmp_path, FAKE_WRAPPER, "wrapper.py")
+    argv = script(tmp_path, """
+        import signal, sys, time
+        def handler(signum, frame):
+            time.sleep(0.5)  # a checkpoint being written
+            print("saved", flush=True)
+            sys.exit(3)
+        signal.signal(signal.SIGTERM, handler)
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+
+    async def main() -> tuple[int, bytes]:
+        proc = await process.start(argv, tmp_path, ENV, wrapper=wrapper)
+        output = await read_until(proc.stdout, b"ready\n")
+        await proc.stop(grace=10.0)
+        return await proc.wait(), output + await read_all(proc.stdout)
+
+    returncode, output = trio.run(main)
+    assert b"saved" in output and returncode == 3, output

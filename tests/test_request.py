@@ -520,6 +520,11 @@ def test_secrets_cover_every_source() -> None:
         "env": {
             "GITHUB_TOKEN": "ghp_abcdef",
             "SHORT_KEY": "abc12",
+            "DB_PWD": "abc",
+            "API_PASS": "x9",
+            "USE_TOKEN": "true",
+            "MAX_KEYS": "8",
+            "PWD": "/home/user/project",
             "db_password": "hunter22",
             "PLAIN": "notasecret1",
             "AWS_DEFAULT_REGION": "us-west-2",
@@ -544,12 +549,18 @@ def test_secrets_cover_every_source() -> None:
         "pg-pass",
         "ghp_abcdef",
         "hunter22",
+        "abc12",
+        "abc",
+        "x9",
     }
     redactor = request.redactor()
     assert (
         redactor.mask("AK1 and SK2 and ghp_abcdef and notasecret1 and eu")
         == "**** and **** and **** and notasecret1 and eu"
     )
+    # short secret-named values are masked as words, whatever their length; placeholders are not secrets
+    assert redactor.mask("pw abc, api x9; abcdef x99 true 8 /home/user/project") == (
+        "pw ****, api ****; abcdef x99 true 8 /home/user/project")
 
 
 def test_mask_mapping_of_a_real_request_hides_its_secrets() -> None:
@@ -650,3 +661,26 @@ def test_labels_that_could_forge_a_path_a_log_line_or_a_metadata_key_are_refused
     with pytest.raises(RequestInvalid, match="not a usable artifact label") as caught:
         parse(minimal(artifacts={label: {"mutable": True}}))
     assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+
+
+@pytest.mark.parametrize("line", ["-r /home/u/.ssh/id_rsa", "-r/etc/passwd", "--requirement=/etc/shadow",
+                                  "-c /etc/passwd", "--constraint /x", "-f /home/u", "--find-links=/x",
+                                  "  -r x", "--override /x"])
+@pytest.mark.parametrize("where", ["pythonenv", "pip"])
+def test_installer_options_that_read_files_are_refused(line: str, where: str) -> None:
+    doc = minimal()
+    if where == "pythonenv":
+        doc["experiment"]["pythonenv"] = ["requests==2.31.0", line]
+    else:
+        doc["config"] = {"pip": [line]}
+    with pytest.raises(RequestInvalid, match="installer option that reads files") as caught:
+        parse(doc)
+    assert caught.value.field is not None and where in caught.value.field
+
+
+def test_ordinary_requirement_lines_are_kept() -> None:
+    lines = ["requests==2.31.0", "-e git+https://github.com/o/r.git#egg=r", "pkg @ https://x/p.whl",
+             "numpy>=1.26", "rich"]
+    doc = minimal()
+    doc["experiment"]["pythonenv"] = lines
+    assert parse(doc).experiment.pythonenv == lines

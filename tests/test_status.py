@@ -316,7 +316,8 @@ def test_a_real_runner_watched_while_its_experiment_runs(tmp_path: Path) -> None
     submit(Submission(script=script, queue="local_status", experiment=key, project="proj_s", hdd="10m",
                       ram="64m"), queue_root, store)
     settings = config.resolve({"queue_root": str(queue_root), "working_dir": str(work),
-                               "env_cache_dir": str(cache_root() / "envs"), "poll_interval": "0.05s"},
+                               "env_cache_dir": str(cache_root() / "envs"), "poll_interval": "0.05s",
+                               "local_storage_roots": str(tmp_path)},
                               environ={})
     seen: list[dict[str, Any]] = []
 

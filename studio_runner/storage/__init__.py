@@ -27,7 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 import trio
 
 from studio_runner.errors import ObjectNotFound, StorageError
-from studio_runner.storage.base import Credentials, ObjectInfo, ObjectStore, WarmsUp
+from studio_runner.redact import mask_patterns
+from studio_runner.storage.base import Confines, Credentials, LocatorRefused, ObjectInfo, ObjectStore, WarmsUp
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<unparseable URL>"
     if not parts.scheme or parts.scheme == "file":
-        return url
+        return mask_patterns(url)
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
@@ -219,7 +220,8 @@ class Stores:
     """Picks (and caches) the backend for a locator URL.
 
     ``s3_options`` are passed as keyword arguments to ``S3Store``; ``local_roots``, when given, confines
-    ``file:`` locators to those directories (see :class:`~studio_runner.storage.local.LocalStore`);
+    ``file:`` locators to those directories (see :class:`~studio_runner.storage.local.LocalStore`; the runner
+    gives ``--local-storage-roots`` plus its artifact cache, :meth:`check` refuses the rest up front);
     ``on_transfer`` is told about every completed get and put (the runtime counts bytes per attempt).
     """
 
@@ -239,6 +241,22 @@ class Stores:
         if registration is None:
             raise StorageError(f"unsupported locator scheme {scheme_of(url)!r} in {redact_url(url)!r}")
         return self._backend(registration)
+
+    def check(self, url: str) -> None:
+        """Refuse (LocatorRefused) a locator this runner must not touch, before anything is fetched: one that
+        is neither a URL nor an absolute path, or one its backend confines (local paths outside the storage
+        roots). Blocking for confined backends (it resolves paths): run it in a thread. An unsupported
+        scheme passes: whether another runner can serve it is for the transfer to find out, as before."""
+        try:
+            scheme = scheme_of(url)
+        except StorageError as exc:
+            raise LocatorRefused(str(exc)) from None
+        registration = _SCHEMES.get(scheme)
+        if registration is None:
+            return
+        backend = self._backend(registration).backend
+        if isinstance(backend, Confines):
+            backend.confine(url)
 
     def _backend(self, registration: _Registration) -> _Observed:
         with self._backends_lock:
@@ -269,5 +287,5 @@ class Stores:
                             kind, type(exc).__name__, exc)
 
 
-__all__ = ["Credentials", "ObjectInfo", "ObjectStore", "StorageHealth", "StoreOptions", "Stores", "WarmsUp",
-           "endpoint_of", "redact_url", "register_scheme", "scheme_of"]
+__all__ = ["Confines", "Credentials", "LocatorRefused", "ObjectInfo", "ObjectStore", "StorageHealth",
+           "StoreOptions", "Stores", "WarmsUp", "endpoint_of", "redact_url", "register_scheme", "scheme_of"]

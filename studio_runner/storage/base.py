@@ -5,6 +5,10 @@ Artifacts carry their own locator (``s3://host:port/bucket/key``, ``file://...``
 async; backends built on blocking libraries (boto3) run them in ``trio.to_thread``.
 
 ``put`` must be atomic to readers: a reader sees the old object or the new one, never a half-written one.
+
+A request names its own locators, so a backend that reaches the runner's own machine (local files) confines
+them (:class:`Confines`) and refuses the rest with :class:`LocatorRefused`: the request's fault, so its
+message is set aside at once, never retried, and never taken for a storage outage.
 """
 
 from __future__ import annotations
@@ -12,6 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from studio_runner.errors import RequestInvalid
+
+
+class LocatorRefused(RequestInvalid):
+    """A request's locator names a place this runner does not serve (a local path outside its storage roots,
+    or one that is no URL at all). Its message is set aside (RequestInvalid's disposition); deliberately not a
+    StorageError, which would be retried and would pause intake as if storage were down."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,15 @@ class ObjectStore(Protocol):
 
     async def list(self, prefix_url: str, credentials: Credentials | None = None) -> list[ObjectInfo]:
         """Objects whose URL starts with ``prefix_url``."""
+
+
+@runtime_checkable
+class Confines(Protocol):
+    """A backend that serves only some of the locators of its scheme (local files under its roots)."""
+
+    def confine(self, url: str) -> Path:
+        """The place ``url`` names, resolved (symlinks, ``..``); LocatorRefused when it is not served.
+        Blocking (it asks the file system): call it from a thread in async code."""
 
 
 @runtime_checkable

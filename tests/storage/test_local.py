@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from studio_runner.errors import ObjectNotFound, StorageError
-from studio_runner.storage import Stores, redact_url
+from studio_runner.errors import Disposition, ObjectNotFound, StorageError
+from studio_runner.storage import LocatorRefused, Stores, redact_url
 from studio_runner.storage.http import HttpStore
 from studio_runner.storage.local import LocalStore, url_to_path
 
@@ -107,17 +107,86 @@ def test_put_failure_is_storage_error_naming_the_url(tmp_path: Path) -> None:
         trio.run(LocalStore().put, src, url)
 
 
-def test_roots_confine_locators(tmp_path: Path) -> None:
-    allowed = tmp_path / "allowed"
+@pytest.fixture
+def confined(tmp_path: Path) -> tuple[LocalStore, Path, Path]:
+    """A store confined to ``allowed``; ``outside`` holds a file it must never serve, and ``allowed/escape``
+    is a symbolic link to ``outside``."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
     allowed.mkdir()
+    outside.mkdir()
     (allowed / "obj").write_bytes(b"ok")
-    (tmp_path / "secret").write_bytes(b"no")
-    store = LocalStore(roots=[allowed])
+    (outside / "secret").write_bytes(b"no")
+    (allowed / "escape").symlink_to(outside)
+    (allowed / "inner").symlink_to(allowed / "obj")
+    return LocalStore(roots=[allowed]), allowed, outside
+
+
+def test_roots_confine_every_operation_and_refuse_as_the_request_s_fault(
+    confined: tuple[LocalStore, Path, Path], tmp_path: Path
+) -> None:
+    store, allowed, outside = confined
     trio.run(store.get, str(allowed / "obj"), tmp_path / "d1")
-    with pytest.raises(StorageError, match="outside"):
-        trio.run(store.get, str(tmp_path / "secret"), tmp_path / "d2")
-    with pytest.raises(StorageError, match="outside"):
-        trio.run(store.get, f"{allowed}/../secret", tmp_path / "d3")
+    assert (tmp_path / "d1").read_bytes() == b"ok"
+    trio.run(store.get, f"file://{allowed}/inner", tmp_path / "d2")  # a link that stays inside is fine
+    bad = [str(outside / "secret"), f"{allowed}/../outside/secret", f"file://{allowed}/escape/secret",
+           "file:/" + str(outside) + "/secret", "/etc/passwd", f"file://{allowed}/escape/"]
+    for url in bad:
+        with pytest.raises(LocatorRefused, match="outside the storage roots") as caught:
+            trio.run(store.get, url, tmp_path / "d3")
+        assert str(allowed) in str(caught.value)  # the reason names the roots that are allowed
+        assert caught.value.disposition is Disposition.SET_ASIDE
+        assert not isinstance(caught.value, StorageError)  # not retried, not a storage outage
+        with pytest.raises(LocatorRefused):
+            trio.run(store.stat, url)
+        with pytest.raises(LocatorRefused):
+            trio.run(store.put, allowed / "obj", url)
+        with pytest.raises(LocatorRefused):
+            trio.run(store.list, url)
+    assert not (tmp_path / "d3").exists()
+    assert (outside / "secret").read_bytes() == b"no" and sorted(os.listdir(outside)) == ["secret"]
+
+
+def test_listing_leaves_out_links_that_lead_outside(confined: tuple[LocalStore, Path, Path]) -> None:
+    store, allowed, outside = confined
+    (allowed / "sub").mkdir()
+    (allowed / "sub" / "a").write_bytes(b"a")
+    (allowed / "sub" / "out").symlink_to(outside / "secret")
+    listed = trio.run(store.list, f"file://{allowed}/sub/")
+    assert [info.url for info in listed] == [f"file://{allowed}/sub/a"]
+    assert len(trio.run(LocalStore().list, f"file://{allowed}/sub/")) == 2  # unconfined: both
+
+
+def test_a_link_swapped_in_after_the_check_is_caught_on_open(confined: tuple[LocalStore, Path, Path],
+                                                            tmp_path: Path) -> None:
+    """The check resolves the path; the read then checks the file it really opened."""
+    store, allowed, outside = confined
+    opened = store._opened("file://x")
+    assert opened is not None
+    with open(outside / "secret", "rb") as handle, pytest.raises(LocatorRefused):
+        opened(handle.fileno())
+    with open(allowed / "obj", "rb") as handle:
+        opened(handle.fileno())
+
+
+def test_empty_roots_refuse_every_local_locator(tmp_path: Path) -> None:
+    (tmp_path / "obj").write_bytes(b"x")
+    with pytest.raises(LocatorRefused, match=r"\(none;"):
+        trio.run(LocalStore(roots=[]).get, str(tmp_path / "obj"), tmp_path / "d")
+
+
+def test_stores_check_refuses_before_any_transfer(confined: tuple[LocalStore, Path, Path]) -> None:
+    _store, allowed, outside = confined
+    stores = Stores(local_roots=[allowed])
+    stores.check(f"file://{allowed}/obj")
+    stores.check(f"file://{allowed}/not/yet/there.tar")  # outputs that do not exist yet are fine
+    stores.check("s3://host:9000/bucket/key")  # other schemes are not confined
+    stores.check("gs://bucket/key")  # unsupported: the transfer says so, as before
+    for url in (str(outside / "secret"), f"{allowed}/escape/secret", f"file://{allowed}/a/../../outside"):
+        with pytest.raises(LocatorRefused):
+            stores.check(url)
+    with pytest.raises(LocatorRefused, match="neither a URL nor an absolute path"):
+        stores.check("~/.ssh/id_rsa")
+    Stores().check(str(outside / "secret"))  # no roots: nothing is confined
 
 
 def test_put_is_atomic_to_concurrent_readers(tmp_path: Path) -> None:
@@ -176,3 +245,4 @@ def test_redact_url_drops_secrets() -> None:
     shown = redact_url("https://user:pw@host.example:8443/a/b.tar?X-Amz-Signature=SECRET#frag")
     assert shown == "https://host.example:8443/a/b.tar"
     assert redact_url("file://tmp/x") == "file://tmp/x"
+    assert redact_url("file://tmp/DB_PWD=abc/x") == "file://tmp/DB_PWD=****"

@@ -48,6 +48,8 @@ class Sandbox:
             STUDIO_RUNNER_LOG_LEVEL="debug",
             STUDIO_RUNNER_RETRY_DELAY="0.2s",  # hand-backs wait a moment, not the default 10 s
             STUDIO_RUNNER_PROM_ADDRESS="127.0.0.1:0",  # every runner serves its status, on a free port
+            # local locators may name anything in the sandbox (tests keep stores beside it, in tmp_path)
+            STUDIO_RUNNER_LOCAL_STORAGE_ROOTS=str(self.base),
             PYTHONPATH=str(REPO),
         )
         env.update(overrides)
