@@ -69,10 +69,11 @@ import os, sys
 print("onefile-check ran on", sys.version.split()[0], "in", sys.prefix)
 print("bundle libraries leaked:", any("_MEI" in p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":")))
 EOF
-run submit submit --queue-root "$WORK/queue" --storage-root "$WORK/store" --experiment onefile_hello \
-  "$WORK/project/hello.py"
+# the defaults, as a user runs them: ~/.studioml/storage/studioml, which the runner's default
+# --local-storage-roots (~/.studioml/storage) allows
+run submit submit --queue-root "$WORK/queue" --experiment onefile_hello "$WORK/project/hello.py"
 run run run --once --queue-root "$WORK/queue" --working-dir "$WORK/work" --prom-address ""
-output="$(tar -xOf "$WORK/store/experiments/onefile_hello/output.tar" output)"
+output="$(tar -xOf "$WORK/home/.studioml/storage/studioml/experiments/onefile_hello/output.tar" output)"
 grep 'onefile-check ran on' <<<"$output"
 grep -q 'bundle libraries leaked: False' <<<"$output"
 if pgrep -f "$WORK/bin/studio-runner" >/dev/null; then echo "ci_onefile: a runner process was left" >&2; exit 1; fi

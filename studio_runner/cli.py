@@ -322,4 +322,8 @@ def _submit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         gpu_mem=args.gpu_mem, gpu_count=args.gpu_count,
     ), queue_root, storage_root, show_progress=True)
     print(f"submitted {request['experiment']['key']} to {queue_root / args.queue}")
+    default_roots = _studioml_home() / "storage"
+    if args.storage_root and not Path(args.storage_root).resolve().is_relative_to(default_roots.resolve()):
+        print(f"note: runners read local artifacts only under --local-storage-roots (default "
+              f"{default_roots}); run them with --local-storage-roots {args.storage_root}", file=sys.stderr)
     return 0

@@ -163,7 +163,7 @@ def test_built_executable_runs_demo_and_submitted_work(installed, tmp_path):
                         "--experiment", "onefile_hello", str(script), env=env)
     assert submitted.returncode == 0, submitted.stderr
     ran = run_exe(installed, "run", "--once", "--queue-root", str(queue), "--working-dir",
-                  str(tmp_path / "work"), "--prom-address", "", env=env)
+                  str(tmp_path / "work"), "--prom-address", "", "--local-storage-roots", str(store), env=env)
     assert ran.returncode == 0, ran.stderr[-3000:]
     with tarfile.open(store / "experiments" / "onefile_hello" / "output.tar") as tar:
         member = tar.extractfile("output")
@@ -185,6 +185,6 @@ def test_built_executable_without_host_python_fails_the_experiment_clearly(insta
     assert run_exe(installed, "submit", "--queue-root", str(queue), "--storage-root", str(store),
                    "--experiment", "no_python", str(script), env=env).returncode == 0
     ran = run_exe(installed, "run", "--once", "--queue-root", str(queue), "--working-dir",
-                  str(tmp_path / "work"), "--prom-address", "", env=env)
+                  str(tmp_path / "work"), "--prom-address", "", "--local-storage-roots", str(store), env=env)
     assert ran.returncode == 1, ran.stderr[-3000:]
     assert "no Python interpreter for experiments" in ran.stderr
