@@ -255,6 +255,20 @@ OPTIONS: tuple[Option, ...] = _sectioned(
            secret=True, go_env="AMQP_URL"),
     Option("amqp-mgt-url", str, "", "RabbitMQ management API URL; default: the AMQP host, port + 10000.",
            secret=True, go_env="AMQP_MGT_URL"),
+    Option("sqs-certs", _optional_path, "",
+           "Directory of AWS SQS accounts: one subdirectory per account holding an AWS credentials file and "
+           "a config file (region, and endpoint_url for SQS-compatible servers); added or removed accounts "
+           "are served or dropped at the next rescan. Empty disables SQS.", "path", go_env="SQS_CERTS"),
+    Option("sqs-timeout", units.parse_duration, "15s", "Timeout of each SQS listing call.", "duration",
+           go_env="SQS_TIMEOUT"),
+    Option("certs-dir", _optional_path, "",
+           "Directory of Google Cloud service-account JSON files: each file's project has its Pub/Sub "
+           "subscriptions matched like queues and served; files added or removed are picked up at the next "
+           "rescan. Empty: only --pubsub-project (with GOOGLE_APPLICATION_CREDENTIALS or the emulator).",
+           "path"),
+    Option("pubsub-project", str, "",
+           "A Google Cloud project whose Pub/Sub subscriptions are served with the default credentials "
+           "(GOOGLE_APPLICATION_CREDENTIALS) or, with PUBSUB_EMULATOR_HOST set, on the emulator."),
     Option("amqp-consumer-timeout", units.parse_duration, "30m",
            "The broker's delivery-acknowledgement timeout (RabbitMQ consumer_timeout). On brokers that "
            "ignore the per-consumer timeout (before 3.11.15), experiments whose deadline exceeds it get a "
@@ -272,6 +286,15 @@ OPTIONS: tuple[Option, ...] = _sectioned(
     Option("abort-check-interval", units.parse_duration, "10s",
            "How often the queue of a running experiment is checked; deleting the queue aborts it.",
            "duration", minimum=0.5),
+    Section("Reports", "Where progress and results are reported besides storage."),
+    Option("response-queues", _bool, "true",
+           "Publish the report messages (states, log records, progress lines) of each experiment to the "
+           "queue <request queue>_response when it exists.", "bool"),
+    Option("slack-hook", str, "",
+           "Slack incoming-webhook URL: a short message for each experiment that starts, succeeds or fails. "
+           "Empty disables Slack.", secret=True, go_env="SLACK_HOOK"),
+    Option("slack-room", str, "", "Slack channel (#name) or user (@name) for --slack-hook messages.",
+           go_env="SLACK_ROOM"),
     Section("Message security", "Encrypted and signed requests (StudioML's public_key_path and "
             "signing_key_path), limits on what a message may be, and experiment isolation."),
     Option("clear-text-messages", _bool, "true",

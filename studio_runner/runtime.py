@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -41,20 +42,33 @@ from studio_runner.supervisor import IntakeSettings, Supervisor
 from studio_runner.sweep import claim_root, release_root, sweep_dead_roots
 from studio_runner.units import format_size
 
+if TYPE_CHECKING:
+    from studio_runner.reports import ResponseReporter
+    from studio_runner.slack import SlackNotifier
+
 log = logging.getLogger("studio_runner")
 
 __all__ = ["build_backends", "build_stores", "configure_logging", "open_runner", "serve", "start_warm_up"]
 
 
 def build_backends(settings: Settings, runner_id: str) -> list[QueueBackend]:
-    """RabbitMQ when --amqp-url is set; the local directory queue when no broker is configured, or when
-    --queue-root is given explicitly next to one."""
+    """RabbitMQ (--amqp-url), SQS (--sqs-certs) and Pub/Sub (--certs-dir, --pubsub-project) when
+    configured; the local directory queue when no broker is configured, or when --queue-root is given
+    explicitly next to one."""
     backends: list[QueueBackend] = []
     if settings.amqp_url:
         from studio_runner.queues.rabbitmq import RabbitMQQueue
 
         backends.append(RabbitMQQueue(settings.amqp_url, settings.amqp_mgt_url or None,
                                       consumer_timeout_limit=settings.amqp_consumer_timeout))
+    if settings.sqs_certs:
+        from studio_runner.queues.sqs import SqsQueue
+
+        backends.append(SqsQueue(settings.sqs_certs, timeout=settings.sqs_timeout))
+    if settings.certs_dir or settings.pubsub_project:
+        from studio_runner.queues.pubsub import PubSubQueue
+
+        backends.append(PubSubQueue(certs_dir=settings.certs_dir, project=settings.pubsub_project))
     if not backends or settings.explicitly_set("queue-root"):
         from studio_runner.queues.localdir import LocalDirQueue
 
@@ -104,10 +118,14 @@ def expected_storage(settings: Settings) -> tuple[str, ...]:
     """The storage kinds this runner's experiments will most likely use, the costliest to prepare first: S3
     (and plain http inputs) behind a broker, as in the reference deployment, or when S3 TLS material is
     configured; else local files only (StudioML's local mode), for which loading boto3 would cost 35 MB of
-    memory for nothing."""
-    if settings.amqp_url or settings.s3_ca or settings.s3_cert:
-        return ("s3", "http", "local")
-    return ("local",)
+    memory for nothing. Google Cloud Storage (its import and client, with ADC maybe a metadata-server probe)
+    where Pub/Sub serves the work or a GCS emulator is configured."""
+    kinds: tuple[str, ...] = ("local",)
+    if settings.amqp_url or settings.sqs_certs or settings.s3_ca or settings.s3_cert:
+        kinds = ("s3", "http", "local")
+    if settings.pubsub_project or settings.certs_dir or os.environ.get("STORAGE_EMULATOR_HOST"):
+        kinds = ("gcs", *kinds)
+    return kinds
 
 
 def start_warm_up(stores: Stores, settings: Settings) -> list[threading.Thread]:
@@ -224,9 +242,26 @@ async def serve(settings: Settings, *, once: bool = False, handle_signals: bool 
             from studio_runner.reload import Reloader
 
             supervisor.on_reload = Reloader(supervisor, settings, reload)
+        reports = await start_reports(nursery, supervisor, settings)
         outcomes = await supervisor.run(once=once, handle_signals=handle_signals)
+        for sink in reports:  # what is still due (the last Success, the finish post), briefly
+            await sink.flush(5)
         nursery.cancel_scope.cancel()
     return outcomes
+
+
+async def start_reports(nursery: trio.Nursery, supervisor: Supervisor,
+                        settings: Settings) -> list[ResponseReporter | SlackNotifier]:
+    """Response-queue reports and Slack posts: subscribers started before the first message is taken."""
+    from studio_runner.reports import start_reporter
+    from studio_runner.slack import start_slack
+
+    sinks: list[ResponseReporter | SlackNotifier] = []
+    reporter = await start_reporter(nursery, supervisor.registry, supervisor.backends,
+                                    supervisor.s.gate.keyring, settings)
+    slack = await start_slack(nursery, supervisor.registry, settings)
+    sinks += [sink for sink in (reporter, slack) if sink is not None]
+    return sinks
 
 
 async def start_status_server(nursery: trio.Nursery, settings: Settings, supervisor: Supervisor,

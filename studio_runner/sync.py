@@ -246,7 +246,7 @@ def metadata_object_url(artifact: Artifact, name: str) -> str:
     key = artifact.key or ""
     if key and locator.endswith(key):
         return locator[: len(locator) - len(key)] + "metadata/" + name
-    match = re.match(r"^(s3://[^/]+/[^/]+/)", locator)
+    match = re.match(r"^(s3://[^/]+/[^/]+/|gs://[^/]+/)", locator)
     if match:
         return match.group(1) + "metadata/" + name
     return locator.rsplit("/", 1)[0] + "/metadata/" + name

@@ -177,7 +177,8 @@ def test_an_environment_value_names_the_variable():
 
 # -------------------------------------------------------------------- environment variables (issue item 12)
 
-GO_NAMES = {"CLEAR_TEXT_MESSAGES", "ENCRYPT_DIR", "REQUEST_SIGNATURES_DIR", "RESPONSE_SIGNATURES_DIR",
+GO_NAMES = {"SQS_CERTS", "SQS_TIMEOUT", "SLACK_HOOK", "SLACK_ROOM",
+            "CLEAR_TEXT_MESSAGES", "ENCRYPT_DIR", "REQUEST_SIGNATURES_DIR", "RESPONSE_SIGNATURES_DIR",
             "PROM_ADDRESS", "QUEUE_ROOT", "QUEUE_MATCH", "QUEUE_MISMATCH", "AMQP_URL", "AMQP_MGT_URL",
             "WORKING_DIR", "DEBUG", "CACHE_DIR", "CACHE_SIZE", "ALLOW_ENV_SECRETS", "S3_CA", "S3_CERT",
             "S3_KEY", "SCHEMA_LOGS", "MAX_CORES", "MAX_MEM", "MAX_DISK", "CPU_ONLY"}

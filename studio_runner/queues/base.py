@@ -102,3 +102,15 @@ class QueueBackend(Protocol):
 
     async def aclose(self) -> None:
         """Release connections. Unfinished deliveries go back to the broker."""
+
+
+@runtime_checkable
+class Responder(Protocol):
+    """A backend that can carry report messages back on ``<queue>_response`` (spec/queues.md §4): RabbitMQ
+    and SQS. Reports never block or fail an experiment: callers drop a report that cannot be sent."""
+
+    async def response_queue_exists(self, queue: str) -> bool:
+        """Whether ``<queue>_response`` exists now (the client creates it when it wants reports)."""
+
+    async def publish_response(self, queue: str, body: bytes) -> None:
+        """Publish one report on ``<queue>_response``; raises on failure (the caller logs and drops it)."""

@@ -39,6 +39,10 @@ Why it is built this way:
 * Set aside: the body goes to the durable queue ``studio-runner.set-aside`` (default exchange, headers with
   reason and origin). The name cannot match the default ``--queue-match`` pattern and the queue is bound to
   nothing, so no runner ever serves it.
+* Reports (:class:`~studio_runner.queues.base.Responder`, spec queues.md §4): ``<queue>_response`` is looked
+  up through the management API (as Go did); reports go through the default exchange straight to that
+  queue (Go used ``StudioML.topic``, which reaches a response queue only if the client bound it there),
+  persistent and publisher-confirmed on the same IO thread. :mod:`studio_runner.reports` decides what to send.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ from studio_runner.queues.rmq_mgmt import (
 from studio_runner.units import format_duration
 
 if TYPE_CHECKING:
-    from studio_runner.queues.base import Delivery, QueueBackend
+    from studio_runner.queues.base import Delivery, QueueBackend, Responder
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +263,24 @@ class RabbitMQQueue:
         except MgmtError:
             return True
 
+    async def response_queue_exists(self, queue: str) -> bool:
+        """Whether ``<queue>_response`` exists (management API, as the Go runner checks it). Raises
+        MgmtError while the API does not answer: unknown is not "absent" (the reporter asks again soon)."""
+        return await self._mgmt_call(self._mgmt.queue, self.vhost, f"{queue}_response") is not None
+
+    async def publish_response(self, queue: str, body: bytes) -> None:
+        """Publish one report on ``<queue>_response`` (persistent, confirmed). A clear report (JSON) goes as
+        ``application/json``, a sealed one as ``text/plain`` like Go's. Raises when it was not confirmed."""
+        await self.start()
+        content_type = "application/json" if body[:1] == b"{" else "text/plain"
+        target = f"{queue}_response"
+        publish = partial(self._link.publish_report, target, body, content_type)
+        why = await await_call(self._link, publish, None)
+        if why is None:
+            raise ConnectionError(f"not connected to RabbitMQ at {self.amqp_url_masked}")
+        if why:
+            raise RuntimeError(why)
+
     async def _check_durability(self, queue: str) -> None:
         if queue in self._durability_checked:
             return
@@ -318,5 +340,5 @@ class RabbitMQQueue:
 if TYPE_CHECKING:  # mypy proves that this backend honours the protocol; nothing runs
 
     def _honours_the_protocol(backend: RabbitMQQueue,
-                              delivery: RabbitMQDelivery) -> tuple[QueueBackend, Delivery]:
-        return backend, delivery
+                              delivery: RabbitMQDelivery) -> tuple[QueueBackend, Delivery, Responder]:
+        return backend, delivery, backend

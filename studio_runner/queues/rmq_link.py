@@ -603,6 +603,21 @@ class Link(threading.Thread):
         self._publish_then_ack(held, held.exchange, held.routing_key, properties,
                                f"re-publishing message for attempt {attempt}", drop_unroutable=True)
 
+    def publish_report(self, queue: str, body: bytes, content_type: str, call: Call) -> str:
+        """Publish one report to ``queue`` through the default exchange (every queue is bound to it by name,
+        whatever its bindings to ``StudioML.topic``), persistent, mandatory and confirmed. Returns "" once
+        the broker confirmed it, else why not (never raises: a report is dropped, never retried here)."""
+        properties = pika.BasicProperties(content_type=content_type, delivery_mode=2, app_id="studio-runner")
+        try:
+            self._publisher().basic_publish("", queue, body, properties, mandatory=True)
+        except pex.UnroutableError:
+            return f"queue {queue} does not exist (any more)"
+        except pex.NackError:
+            return f"the broker refused the report for {queue}"
+        except pex.AMQPChannelError as exc:
+            return f"publishing to {queue} failed: {exc}"
+        return ""
+
     def _set_aside(self, held: Held, reason: str) -> None:
         if not self._aside_declared:
             try:

@@ -91,9 +91,18 @@ def _s3(options: StoreOptions) -> ObjectStore:
     return S3Store(**options.s3)
 
 
+def _gcs(options: StoreOptions) -> ObjectStore:
+    try:  # google-cloud-storage is imported only once a gs:// locator shows up, and is an optional extra
+        from studio_runner.storage.gcs import GcsStore
+    except ImportError as exc:
+        raise StorageError(f"gs:// locators need google-cloud-storage (studio-runner[gcp]): {exc}") from None
+    return GcsStore()
+
+
 register_scheme(("file",), "local", _local)
 register_scheme(("http", "https"), "http", _http)
 register_scheme(("s3",), "s3", _s3)
+register_scheme(("gs",), "gcs", _gcs)
 
 
 def scheme_of(url: str) -> str:
@@ -236,7 +245,7 @@ class Stores:
         self._backends_lock = threading.Lock()  # warm_up creates backends in a thread
 
     def for_url(self, url: str) -> ObjectStore:
-        """The backend for ``url``; raises StorageError for unsupported schemes (gs://, dockerhub://...)."""
+        """The backend for ``url``; raises StorageError for unsupported schemes (dockerhub://...)."""
         registration = _SCHEMES.get(scheme_of(url))
         if registration is None:
             raise StorageError(f"unsupported locator scheme {scheme_of(url)!r} in {redact_url(url)!r}")

@@ -7,7 +7,8 @@ Import the fixtures into a test module::
 ``s3_server`` (session) is one server per pytest process, with IAM authentication switched on, so requests
 must carry the test credentials it yields (wrong keys get 403 like real S3; unsigned requests are refused).
 ``s3_bucket`` (function) is a fresh, empty bucket, deleted with its objects afterwards (moto keeps objects
-in memory).
+in memory). The same server answers SQS: ``server.client("sqs")`` for set-up and checks, and
+``server.write_aws_account(folder)`` for an ``--sqs-certs`` account folder that points at it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -67,6 +69,23 @@ class MotoS3:
     @property
     def http_url(self) -> str:
         return f"http://{self.endpoint}"
+
+    @property
+    def sqs_endpoint_url(self) -> str:
+        """The same server answers SQS (and IAM): the ``endpoint_url`` for boto3 or an AWS config file."""
+        return self.http_url
+
+    def write_aws_account(self, folder: Path, credentials: Credentials | None = None,
+                          region: str = REGION) -> Path:
+        """An ``--sqs-certs`` account folder for this server: AWS ``credentials`` and ``config`` files, the
+        config naming this server as ``endpoint_url``."""
+        creds = credentials or self.credentials
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "credentials").write_text(f"[default]\naws_access_key_id = {creds.access_key}\n"
+                                            f"aws_secret_access_key = {creds.secret_key}\n")
+        (folder / "config").write_text(f"[default]\nregion = {region}\n"
+                                       f"endpoint_url = {self.sqs_endpoint_url}\n")
+        return folder
 
     def client(self, service: str = "s3", credentials: Credentials | None = None) -> Any:
         """A plain boto3 client for set-up and checks in tests (not the code under test)."""
