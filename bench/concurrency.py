@@ -53,6 +53,7 @@ def main() -> None:
     script.parent.mkdir()
     script.write_text(BURN)
     env = dict(os.environ, STUDIO_RUNNER_QUEUE_ROOT=str(queue_root), STUDIO_RUNNER_WORKING_DIR=str(work),
+               STUDIO_RUNNER_LOCAL_STORAGE_ROOTS=str(base),  # its store lives under base
                STUDIO_RUNNER_LOG_LEVEL="warning", STUDIO_RUNNER_POLL_INTERVAL="0.05s",
                STUDIO_RUNNER_ENV_CACHE_DIR=args.env_cache_dir or str(base / "envs"), PYTHONPATH=str(REPO))
 

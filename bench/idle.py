@@ -163,6 +163,7 @@ def run_case(case: str, base: Path, args: argparse.Namespace) -> Result:
     store = base / case / "store"
     script_dir = base / "script"
     env = dict(os.environ, STUDIO_RUNNER_WORKING_DIR=str(work), STUDIO_RUNNER_LOG_LEVEL="info",
+               STUDIO_RUNNER_LOCAL_STORAGE_ROOTS=str(base),  # its store lives under base
                STUDIO_RUNNER_ENV_CACHE_DIR=str(base / "envs"), STUDIO_RUNNER_MAX_LIFETIME="20m",
                PYTHONPATH=str(REPO))
     for name in ("STUDIO_RUNNER_POLL_INTERVAL", "STUDIO_RUNNER_AMQP_URL", "STUDIO_RUNNER_QUEUE_ROOT"):

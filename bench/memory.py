@@ -101,6 +101,7 @@ def main() -> int:
     cache = args.env_cache_dir or str(Path(os.environ.get("STUDIO_RUNNER_TEST_CACHE")
                                            or Path.home() / ".cache" / "studio-runner-tests") / "envs")
     env = dict(os.environ, STUDIO_RUNNER_QUEUE_ROOT=str(queue_root), STUDIO_RUNNER_WORKING_DIR=str(work),
+               STUDIO_RUNNER_LOCAL_STORAGE_ROOTS=str(base),  # its store lives under base
                STUDIO_RUNNER_LOG_LEVEL="warning", STUDIO_RUNNER_ENV_CACHE_DIR=cache,
                STUDIO_RUNNER_POLL_INTERVAL="0.05s", STUDIO_RUNNER_MAX_RUNNING=str(args.max_running),
                PYTHONPATH=str(REPO))

@@ -109,6 +109,7 @@ def local_mode(args: argparse.Namespace) -> None:
     script_dir.mkdir()
     (script_dir / "trivial.py").write_text("print('hello')\n")
     env = dict(os.environ, STUDIO_RUNNER_QUEUE_ROOT=str(queue_root), STUDIO_RUNNER_WORKING_DIR=str(work),
+               STUDIO_RUNNER_LOCAL_STORAGE_ROOTS=str(base),  # its store lives under base
                STUDIO_RUNNER_LOG_LEVEL="warning",
                STUDIO_RUNNER_ENV_CACHE_DIR=args.env_cache_dir or str(base / "envs"),
                STUDIO_RUNNER_POLL_INTERVAL="0.05s",
